@@ -1,0 +1,228 @@
+"""Reading images and label maps forgivingly, and writing outputs atomically.
+
+Real slides come as RGB, RGBA (DSB2018 PNGs), greyscale, 16-bit or palette images; everything downstream wants an
+``H x W x 3`` uint8 RGB array, so every reader in the project goes through :func:`read_image_rgb`. Errors name the
+file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ImageReadError",
+    "atomic_write",
+    "IMAGE_SUFFIXES",
+    "read_image_rgb",
+    "read_image_size",
+    "read_label_map",
+    "to_rgb_uint8",
+    "write_json_atomic",
+    "write_label_map",
+]
+
+_LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+#: Image file suffixes the converters and readers look for (lower case).
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".npy")
+
+
+class ImageReadError(ValueError):
+    """An image or label file could not be read or has an unusable layout. The message names the file."""
+
+
+def to_rgb_uint8(image: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """Convert grey / grey+alpha / RGB / RGBA, uint8 / uint16 / float images to ``H x W x 3`` uint8 RGB.
+
+    16-bit images are scaled by their dtype range (``>> 8``), floats in [0, 1] by 255; alpha is dropped.
+    """
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[0] == 0 or img.shape[1] == 0:
+        raise ImageReadError(f"{source}: expected a 2-D image (H x W or H x W x C), got shape {img.shape}")
+    c = img.shape[2]
+    if c in (1, 2):  # grey, grey + alpha
+        img = np.repeat(img[:, :, :1], 3, axis=2)
+    elif c >= 3:  # RGB, RGBA (alpha dropped); more channels are not an image we understand
+        if c > 4:
+            raise ImageReadError(f"{source}: {c} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
+        img = img[:, :, :3]
+    if img.dtype == np.uint8:
+        return np.ascontiguousarray(img)
+    if img.dtype == np.uint16:
+        return np.ascontiguousarray((img >> 8).astype(np.uint8))
+    if img.dtype == bool:
+        return np.ascontiguousarray(img.astype(np.uint8) * 255)
+    if np.issubdtype(img.dtype, np.floating):
+        finite = img[np.isfinite(img)]
+        if finite.size and (finite.min() < 0 or finite.max() > 255):
+            raise ImageReadError(f"{source}: float image with values outside [0, 255] ({finite.min()}..{finite.max()})")
+        scale = 255.0 if (finite.size == 0 or finite.max() <= 1.0) else 1.0
+        return np.ascontiguousarray(np.clip(np.nan_to_num(img) * scale + 0.5, 0, 255).astype(np.uint8))
+    if np.issubdtype(img.dtype, np.integer):
+        if img.min() < 0 or img.max() > 255:
+            raise ImageReadError(f"{source}: integer image of dtype {img.dtype} with values outside 0..255")
+        return np.ascontiguousarray(img.astype(np.uint8))
+    raise ImageReadError(f"{source}: unsupported pixel type {img.dtype}")
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif im.mode in ("I;16", "I;16B", "I;16L"):
+            return np.array(im, dtype=np.uint16)
+        elif im.mode == "CMYK":
+            im = im.convert("RGB")
+        return np.array(im)
+
+
+def read_image_rgb(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as ``H x W x 3`` uint8 RGB (see :func:`to_rgb_uint8` for the conversions)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    try:
+        raw = _read_raw(path)
+    except Exception as e:  # PIL/tifffile raise many types for corrupt files
+        raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    return to_rgb_uint8(raw, source=str(path))
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header only (no pixel decoding: ~0.3 ms for a 1000x1000 TIFF).
+
+    Checks that the layout is one :func:`read_image_rgb` accepts (2-D, 1-4 channels), so a converter can record the
+    size without decoding every tile and still fail early, naming the file, on something that is not an image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image file not found")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            shape = tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                page = tf.pages[0]
+                h, w, c = int(page.imagelength), int(page.imagewidth), int(page.samplesperpixel)
+            shape = (h, w) if c == 1 else (h, w, c)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+                c = len(im.getbands())
+            shape = (h, w) if c == 1 else (h, w, c)
+    except Exception as e:  # PIL/tifffile raise many types for corrupt files
+        raise ImageReadError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from e
+    if len(shape) not in (2, 3) or shape[0] == 0 or shape[1] == 0 or (len(shape) == 3 and not 1 <= shape[2] <= 4):
+        raise ImageReadError(f"{path}: expected a 2-D image with 1-4 channels, got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def read_label_map(path: str | os.PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an instance label map (PNG/TIFF/NPY of integers, 0 = background) as a 2-D int32 array.
+
+    Args:
+        shape: if given, the ``(height, width)`` the label map must have (e.g. its image's size).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: label file not found")
+    if path.suffix.lower() not in _LABEL_SUFFIXES:
+        raise ImageReadError(f"{path}: unsupported label format {path.suffix!r}; use one of {_LABEL_SUFFIXES}")
+    try:
+        raw = _read_raw(path)
+    except Exception as e:
+        raise ImageReadError(f"{path}: cannot read label map ({type(e).__name__}: {e})") from e
+    raw = np.asarray(raw)
+    if raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[:, :, 0]
+    if raw.ndim != 2:
+        raise ImageReadError(f"{path}: a label map must be single-channel, got shape {raw.shape}")
+    if np.issubdtype(raw.dtype, np.floating):
+        if not np.all(np.mod(raw, 1) == 0):
+            raise ImageReadError(f"{path}: label map holds non-integer values")
+    elif not (np.issubdtype(raw.dtype, np.integer) or raw.dtype == bool):
+        raise ImageReadError(f"{path}: label map has unsupported dtype {raw.dtype}")
+    if raw.size and (raw.min() < 0 or raw.max() > np.iinfo(np.int32).max):
+        raise ImageReadError(f"{path}: label values must be in 0..2^31-1, got {raw.min()}..{raw.max()}")
+    if shape is not None and tuple(raw.shape) != tuple(shape):
+        raise ImageReadError(f"{path}: label map is {raw.shape[0]}x{raw.shape[1]} but its image is "
+                             f"{shape[0]}x{shape[1]}")
+    return raw.astype(np.int32)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp_path)`` and move the result onto ``path`` only if it succeeded.
+
+    The temporary file sits in the same folder (so the rename is atomic) and keeps ``path``'s suffix (so writers
+    that choose a format by extension still work). A failed or interrupted write leaves ``path`` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+
+    return atomic_write(path, _write)
+
+
+def write_label_map(path: str | os.PathLike, label: np.ndarray) -> Path:
+    """Write a label map atomically: PNG (uint16, up to 65,535 nuclei), TIFF or NPY (int32) by suffix."""
+    path = Path(path)
+    label = np.asarray(label)
+    suffix = path.suffix.lower()
+
+    def _write(tmp: Path) -> None:
+        if suffix == ".npy":
+            with open(tmp, "wb") as f:
+                np.save(f, label.astype(np.int32))
+        elif suffix in (".tif", ".tiff"):
+            import tifffile
+
+            tifffile.imwrite(tmp, label.astype(np.int32), compression="zlib")
+        elif suffix == ".png":
+            if label.max(initial=0) > 65535:
+                raise ValueError(f"{path}: {label.max()} exceeds PNG's 16-bit range; write .tif or .npy instead")
+            from PIL import Image
+
+            Image.fromarray(label.astype(np.uint16)).save(tmp, format="PNG")
+        else:
+            raise ValueError(f"{path}: unsupported label format {suffix!r}; use one of {_LABEL_SUFFIXES}")
+
+    return atomic_write(path, _write)

@@ -1,0 +1,131 @@
+"""Config setup shared by the command-line tools, with errors a user can act on.
+
+Detectron2 reports a mistyped key, a missing weights file or an unregistered dataset with a stack trace from deep
+inside yacs, fvcore or the data loader, often minutes into a run. :func:`setup_cfg` checks these up front and raises
+:class:`ConfigError` with a one-line explanation; the tools print it and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterable, Sequence
+
+from detectron2.config import CfgNode, get_cfg
+
+from ..config import add_nuclei_config
+
+__all__ = ["ConfigError", "build_cfg", "check_datasets", "check_weights", "setup_cfg"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix (the message says how)."""
+
+
+def _all_keys(node: CfgNode, prefix: str = "") -> Iterable[str]:
+    for k, v in node.items():
+        full = f"{prefix}{k}"
+        yield full
+        if isinstance(v, CfgNode):
+            yield from _all_keys(v, full + ".")
+
+
+_UNKNOWN_KEY_MESSAGES = ("Non-existent config key:", "Non-existent key:")
+
+
+def _is_unknown_key(err: Exception) -> bool:
+    return any(m in str(err) for m in _UNKNOWN_KEY_MESSAGES)
+
+
+def _unknown_key_error(cfg: CfgNode, err: Exception, source: str) -> ConfigError:
+    msg = str(err.args[0]) if err.args else str(err)
+    key = msg.split(":", 1)[1].strip() if _is_unknown_key(err) else msg
+    hint = difflib.get_close_matches(key, list(_all_keys(cfg)), n=3, cutoff=0.6)
+    text = f"{source}: unknown config key {key!r}"
+    if hint:
+        text += f" (did you mean {', '.join(hint)}?)"
+    return ConfigError(text)
+
+
+def build_cfg(config_file: str | None = None, opts: Sequence[str] = ()) -> CfgNode:
+    """``get_cfg()`` -> ``add_nuclei_config`` -> ``merge_from_file`` -> ``merge_from_list``; not frozen.
+
+    Raises:
+        ConfigError: the file is missing, or it or ``opts`` name a key that does not exist or give a bad value.
+    """
+    cfg = get_cfg()
+    add_nuclei_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"{config_file}: config file not found")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, AssertionError) as e:
+            if _is_unknown_key(e):
+                raise _unknown_key_error(cfg, e, config_file) from e
+            raise ConfigError(f"{config_file}: {e}") from e
+    if opts:
+        if len(opts) % 2:
+            raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {list(opts)}")
+        try:
+            cfg.merge_from_list(list(opts))
+        except (KeyError, ValueError, AssertionError) as e:  # yacs asserts on unknown keys given as overrides
+            if _is_unknown_key(e):
+                raise _unknown_key_error(cfg, e, "command line") from e
+            raise ConfigError(f"command line: {e}") from e
+    return cfg
+
+
+def check_weights(path: str, resume: bool = False, output_dir: str | None = None) -> None:
+    """Raise ConfigError if ``MODEL.WEIGHTS`` names a local file that does not exist.
+
+    URLs (``detectron2://``, ``https://``) are left to Detectron2 (they need internet). With ``--resume`` and a
+    checkpoint in ``output_dir`` the weights are not used, so they are not checked.
+    """
+    if not path:
+        return
+    if resume and output_dir and os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+        return
+    if "://" in path:
+        return
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"MODEL.WEIGHTS: weights file not found: {path!r} (give a local .pth/.pkl file, or '' "
+                          "to train from random initialisation)")
+
+
+def check_datasets(names: Iterable[str], what: str) -> None:
+    """Raise ConfigError naming any dataset in ``names`` that is not registered, with the registered ones."""
+    from detectron2.data import DatasetCatalog
+
+    registered = sorted(DatasetCatalog.list())
+    for name in names:
+        if name not in registered:
+            close = difflib.get_close_matches(name, registered, n=3, cutoff=0.5)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"{what}: dataset {name!r} is not registered.{hint} Registered: {', '.join(registered)}. "
+                "Register your own with DATASETS.REGISTER or nuclei_d2.data.register_nuclei_dataset "
+                "(see datasets/README.md)."
+            )
+
+
+def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool = False,
+              eval_only: bool = False, freeze: bool = True) -> CfgNode:
+    """Build the config and register what it names (synthetic data, DATASETS.REGISTER); check weights/datasets."""
+    from ..data.synthetic import SyntheticSpec, register_synthetic_datasets
+
+    cfg = build_cfg(config_file, opts)
+    register_synthetic_datasets(SyntheticSpec.from_config(cfg))
+    try:
+        from ..data.datasets import register_datasets_from_config
+    except ImportError:  # pragma: no cover - the registration module is optional until issue 3 lands
+        register_datasets_from_config = None
+    if register_datasets_from_config is not None:
+        register_datasets_from_config(cfg)
+    check_weights(cfg.MODEL.WEIGHTS, resume=resume, output_dir=cfg.OUTPUT_DIR)
+    if not eval_only:
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+    check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
+    if freeze:
+        cfg.freeze()
+    return cfg

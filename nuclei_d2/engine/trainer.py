@@ -1,0 +1,120 @@
+"""``NucleiTrainer``: Detectron2's ``DefaultTrainer`` with the nuclei mapper, evaluators, optimizers and CPU DDP."""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data.mapper import NucleiDatasetMapper
+
+__all__ = ["NucleiTrainer", "build_nuclei_evaluators", "build_optimizer"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD (Detectron2's), Adam or AdamW per ``SOLVER.OPTIMIZER``, with Detectron2's per-parameter lr/wd rules."""
+    name = cfg.SOLVER.OPTIMIZER.lower()
+    if name == "sgd":
+        return DefaultTrainer.build_optimizer(cfg, model)
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    optim_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(name)
+    if optim_cls is None:
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of SGD, Adam, AdamW; got {cfg.SOLVER.OPTIMIZER!r}")
+    return maybe_add_gradient_clipping(cfg, optim_cls)(params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS))
+
+
+def build_nuclei_evaluators(cfg, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
+    """The evaluators ``TEST.EVALUATORS`` asks for: "nuclei" (AJI, PQ, Dice, ...) and/or "coco" (segm AP)."""
+    output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+    evaluators: list[DatasetEvaluator] = []
+    for name in cfg.TEST.EVALUATORS:
+        if name == "nuclei":
+            from ..evaluation import NucleiEvaluator
+
+            evaluators.append(NucleiEvaluator(dataset_name, output_dir=output_folder))
+        elif name == "coco":
+            evaluators.append(COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder,
+                                            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
+        else:
+            raise ValueError(f"TEST.EVALUATORS: unknown evaluator {name!r}; use 'nuclei' and/or 'coco'")
+    if not evaluators:
+        raise ValueError("TEST.EVALUATORS is empty: nothing to evaluate with")
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+
+class NucleiTrainer(DefaultTrainer):
+    """``DefaultTrainer`` for nuclei: :class:`NucleiDatasetMapper` for train and test, nuclei evaluators, Adam(W).
+
+    It also builds DistributedDataParallel without ``device_ids`` on CPU, so ``--num-gpus N`` runs N CPU processes
+    on the gloo backend (Detectron2's own trainer passes a GPU id and fails there).
+    """
+
+    def __init__(self, cfg):  # noqa: D107  (mirrors DefaultTrainer.__init__ but for the DDP line)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = next(model.parameters()).device.type == "cpu"
+        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=NucleiDatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name: str):
+        return build_detection_test_loader(cfg, dataset_name, mapper=NucleiDatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "nuclei")
+        if evaluator_type not in ("nuclei", "coco"):
+            raise ValueError(f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; "
+                             "NucleiTrainer evaluates nuclei datasets only")
+        return build_nuclei_evaluators(cfg, dataset_name, output_folder)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None) -> OrderedDict[str, Any]:
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():
+            from detectron2.utils.file_io import PathManager
+
+            from ..data.io import write_json_atomic
+
+            PathManager.mkdirs(cfg.OUTPUT_DIR)
+            write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "metrics_final.json"), results, indent=2)
+        return results
