@@ -1,0 +1,7 @@
+"""Data layer: readers, converters, dataset registration, the nuclei mapper and its targets."""
+
+from .io import read_image_rgb, read_label_map  # noqa: F401
+from .mapper import NucleiDatasetMapper  # noqa: F401
+from .synthetic import make_synthetic_tile, register_synthetic_datasets  # noqa: F401
+
+register_synthetic_datasets()
