@@ -20,9 +20,13 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from scipy import ndimage
 
 from ..structures import annotations_to_label_map
+from .augment import build_nuclei_augmentation
 from .io import read_image_rgb, read_label_map
 
-__all__ = ["NucleiDatasetMapper", "label_map_to_gt_instances"]
+__all__ = ["EXTRA_CHANNELS", "NucleiDatasetMapper", "label_map_to_gt_instances"]
+
+#: Extra input channels the mapper can stack after RGB (INPUT.EXTRA_CHANNELS).
+EXTRA_CHANNELS = ("hematoxylin", "distance")
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,9 @@ class NucleiDatasetMapper:
 
     @configurable
     def __init__(self, is_train: bool, *, augmentations: list[T.Augmentation | T.Transform],
-                 image_format: str = "RGB", filter_empty: bool = True, keep_gt: bool = False):
+                 image_format: str = "RGB", filter_empty: bool = True, keep_gt: bool = False,
+                 extra_channels: list[str] | tuple[str, ...] = (), targets: list[str] | tuple[str, ...] = (),
+                 target_params: dict[str, Any] | None = None):
         """
         Args:
             is_train: training mode: annotations become ``instances``; images without nuclei are skipped when
@@ -70,7 +76,26 @@ class NucleiDatasetMapper:
             augmentations: Detectron2 augmentations applied to image and label map together.
             image_format: "RGB" or "BGR": channel order of the image tensor (match the model's PIXEL_MEAN).
             keep_gt: at inference, also return ``instances``/``label_map`` of the ground truth when present.
+            extra_channels: channels stacked after RGB, computed after augmentation and scaled to 0-255 (see
+                :data:`EXTRA_CHANNELS`): ``"hematoxylin"`` (colour deconvolution of the augmented RGB),
+                ``"distance"`` (normalised per-nucleus distance map of the ground truth in training; zeros at
+                inference, where the model must predict it).
+            targets: dense targets (:data:`nuclei_d2.data.targets.TARGET_NAMES`) put under ``"targets"`` (name ->
+                tensor: uint8 class maps, float32 distances/weights) whenever a label map is available.
+            target_params: keyword parameters of :func:`nuclei_d2.data.targets.build_targets` (boundary_width, ...).
         """
+        from .targets import TARGET_NAMES
+
+        bad = [c for c in extra_channels if c not in EXTRA_CHANNELS]
+        if bad:
+            raise ValueError(f"INPUT.EXTRA_CHANNELS: unknown channel(s) {bad}; valid: {list(EXTRA_CHANNELS)}")
+        bad = [t for t in targets if t not in TARGET_NAMES]
+        if bad:
+            raise ValueError(f"INPUT.TARGETS: unknown dense target(s) {bad}; valid: {list(TARGET_NAMES)}")
+        self.extra_channels = tuple(extra_channels)
+        self.targets = tuple(targets)
+        self.target_params = dict(target_params or {})
+        self._warned_distance = False
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR for nuclei images, got {image_format!r}")
         self.is_train = is_train
@@ -85,9 +110,13 @@ class NucleiDatasetMapper:
     def from_config(cls, cfg, is_train: bool = True) -> dict[str, Any]:
         return {
             "is_train": is_train,
-            "augmentations": build_default_augmentation(cfg, is_train),
+            "augmentations": build_nuclei_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
             "filter_empty": cfg.INPUT.NUCLEI.FILTER_EMPTY,
+            "extra_channels": list(cfg.INPUT.EXTRA_CHANNELS),
+            "targets": list(cfg.INPUT.TARGETS),
+            "target_params": {"boundary_width": cfg.INPUT.BOUNDARY_WIDTH, "erode_radius": cfg.INPUT.ERODE_RADIUS,
+                              "border_is_contour": cfg.INPUT.BORDER_IS_CONTOUR},
         }
 
     def _load_label_map(self, dataset_dict: dict[str, Any], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,11 +133,14 @@ class NucleiDatasetMapper:
         return label, classes
 
     def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any] | None:
+        preloaded = dataset_dict.get("image")
+        if isinstance(preloaded, np.ndarray):  # an in-memory RGB image (the predictor's path): don't re-read it
+            dataset_dict = {k: v for k, v in dataset_dict.items() if k != "image"}
         dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image_rgb(dataset_dict["file_name"])
+        image = preloaded if isinstance(preloaded, np.ndarray) else read_image_rgb(dataset_dict["file_name"])
         h, w = image.shape[:2]
         if dataset_dict.get("height", h) != h or dataset_dict.get("width", w) != w:
-            raise ValueError(f"{dataset_dict['file_name']}: image is {h}x{w} but the dataset says "
+            raise ValueError(f"{dataset_dict.get('file_name', '<image>')}: image is {h}x{w} but the dataset says "
                              f"{dataset_dict.get('height')}x{dataset_dict.get('width')}")
         has_gt = "annotations" in dataset_dict or "label_file" in dataset_dict
         want_gt = has_gt and (self.is_train or self.keep_gt)
@@ -120,6 +152,9 @@ class NucleiDatasetMapper:
 
         if self.image_format == "BGR":
             image = image[:, :, ::-1]
+        if self.extra_channels:
+            extra = self._extra_channels(image if self.image_format == "RGB" else image[:, :, ::-1], label)
+            image = np.concatenate([image.astype(np.float32, copy=False), extra], axis=2)
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)), dtype=torch.float32)
         if self.is_train:
             dataset_dict.pop("annotations", None)  # replaced by "instances"; evaluators read them at test time
@@ -130,33 +165,31 @@ class NucleiDatasetMapper:
                 return None
             dataset_dict["instances"] = instances
             dataset_dict["label_map"] = torch.from_numpy(label)
+            if self.targets:
+                from .targets import build_targets
+
+                dense = build_targets(label, self.targets, **self.target_params)
+                dataset_dict["targets"] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dense.items()}
         return dataset_dict
 
+    def _extra_channels(self, rgb: np.ndarray, label: np.ndarray | None) -> np.ndarray:
+        """H x W x len(extra_channels) float32 in 0-255, from the augmented RGB image and label map."""
+        h, w = rgb.shape[:2]
+        out = np.zeros((h, w, len(self.extra_channels)), dtype=np.float32)
+        for i, name in enumerate(self.extra_channels):
+            if name == "hematoxylin":
+                from ..stain import hematoxylin_channel
 
-def build_default_augmentation(cfg, is_train: bool) -> list[T.Augmentation]:
-    """Crop (INPUT.CROP), resize (INPUT.MIN_SIZE_*; 0 = keep the scanner's resolution), flips and 90-degree turns.
+                u8 = rgb if rgb.dtype == np.uint8 else np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+                out[:, :, i] = hematoxylin_channel(np.ascontiguousarray(u8[:, :, :3])) * 255.0
+            elif name == "distance":
+                if self.is_train and label is not None:
+                    from .targets import distance_map
 
-    Replaced by ``nuclei_d2.data.augment.build_nuclei_augmentation`` when that module is present.
-    """
-    try:
-        from .augment import build_nuclei_augmentation
-    except ImportError:
-        build_nuclei_augmentation = None
-    if build_nuclei_augmentation is not None:
-        return build_nuclei_augmentation(cfg, is_train)
-    augs: list[T.Augmentation] = []
-    if is_train:
-        if cfg.INPUT.CROP.ENABLED:
-            augs.append(T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE))
-        min_size = cfg.INPUT.MIN_SIZE_TRAIN
-        if tuple(min_size) != (0,):
-            augs.append(T.ResizeShortestEdge(min_size, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING))
-        if cfg.INPUT.NUCLEI.FLIP:
-            augs.append(T.RandomFlip(horizontal=True, vertical=False))
-            augs.append(T.RandomFlip(horizontal=False, vertical=True))
-        if cfg.INPUT.NUCLEI.ROT90:
-            augs.append(T.RandomRotation([0, 90, 180, 270], expand=True, sample_style="choice",
-                                         interp=None))
-    elif cfg.INPUT.MIN_SIZE_TEST:
-        augs.append(T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST))
-    return augs
+                    out[:, :, i] = distance_map(
+                        label, border_is_contour=self.target_params.get("border_is_contour", False)) * 255.0
+                elif not self._warned_distance:  # zeros: the model has to predict it (Mask R-CNN+)
+                    logger.warning("[NucleiDatasetMapper] the 'distance' input channel comes from the ground truth "
+                                   "only in training; at inference it is filled with zeros")
+                    self._warned_distance = True
+        return out
