@@ -8,6 +8,7 @@ inside yacs, fvcore or the data loader, often minutes into a run. :func:`setup_c
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Iterable, Sequence
 
@@ -109,6 +110,16 @@ def check_datasets(names: Iterable[str], what: str) -> None:
             )
 
 
+def _fall_back_to_cpu(cfg: CfgNode) -> None:
+    """Detectron2 defaults to MODEL.DEVICE "cuda"; on a machine without CUDA run on the CPU, and say so."""
+    import torch
+
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger("nuclei_d2").warning("MODEL.DEVICE is %r but CUDA is not available: using the CPU",
+                                               cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+
+
 def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool = False,
               eval_only: bool = False, freeze: bool = True) -> CfgNode:
     """Build the config and register what it names (synthetic data, DATASETS.REGISTER); check weights/datasets."""
@@ -122,6 +133,7 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
         register_datasets_from_config = None
     if register_datasets_from_config is not None:
         register_datasets_from_config(cfg)
+    _fall_back_to_cpu(cfg)
     check_weights(cfg.MODEL.WEIGHTS, resume=resume, output_dir=cfg.OUTPUT_DIR)
     if not eval_only:
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")

@@ -1,0 +1,86 @@
+"""The README demo: train a tiny model on the embedded synthetic data, predict a held-apart tile, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from detectron2.data import DatasetCatalog
+from detectron2.utils.logger import setup_logger
+
+from ..data.io import read_image_rgb, read_label_map, write_label_map
+from ..structures import annotations_to_label_map, instances_to_label_map
+from .defaults import setup_cfg
+from .trainer import NucleiTrainer
+
+__all__ = ["run_demo"]
+
+logger = logging.getLogger("nuclei_d2.demo")
+
+
+def run_demo(config_file: str, output_dir: str, max_iter: int = 150, opts: list[str] | None = None) -> dict[str, Any]:
+    """Train ``config_file`` for ``max_iter`` iterations, evaluate on its test set, predict its first test tile.
+
+    The test tiles are generated apart from the training ones (another seed), so the prediction is on an image the
+    model never saw. Returns (and prints) the paths written and the headline metrics.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_logger(str(out), name="detectron2")
+    setup_logger(str(out), name="nuclei_d2")
+    cfg = setup_cfg(config_file, ["OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", str(max_iter), *(opts or [])])
+
+    trainer = NucleiTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()  # ends with an evaluation on DATASETS.TEST, written to OUTPUT_DIR/metrics_final.json
+
+    from ..inference import NucleiPredictor, save_overlay
+
+    pred_cfg = cfg.clone()
+    pred_cfg.defrost()
+    pred_cfg.MODEL.WEIGHTS = str(out / "model_final.pth")
+    predictor = NucleiPredictor(pred_cfg)
+    record = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
+    image = read_image_rgb(record["file_name"])
+    instances = predictor(image)
+    pred = instances_to_label_map(instances)
+    if "label_file" in record:
+        gt = read_label_map(record["label_file"])
+    else:
+        gt = annotations_to_label_map(record.get("annotations", []), *image.shape[:2])
+    overlay = save_overlay(out / "demo_overlay.png", image, pred, gt)
+    label_path = write_label_map(out / "demo_prediction_labels.png", pred)
+
+    metrics_path = out / "metrics_final.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    summary = {
+        "image": record["file_name"],
+        "nuclei_predicted": int(pred.max()),
+        "nuclei_in_ground_truth": int(len(set(gt.ravel().tolist()) - {0})),
+        "overlay_png": str(overlay),
+        "prediction_label_map": str(label_path),
+        "metrics_json": str(metrics_path),
+        "metrics": metrics,
+        "checkpoint": str(out / "model_final.pth"),
+    }
+    lines = [
+        "",
+        "nuclei-d2 demo finished (synthetic H&E-like data; numbers say nothing about real tissue).",
+        f"  predicted {summary['nuclei_predicted']} nuclei on the held-apart tile "
+        f"(ground truth: {summary['nuclei_in_ground_truth']})",
+    ]
+    nuclei = metrics.get("nuclei", {})
+    if nuclei:
+        lines.append("  " + "  ".join(f"{k} {nuclei[k]:.3f}" for k in ("AJI", "PQ", "Dice1", "F1") if k in nuclei))
+    if "segm" in metrics:
+        lines.append(f"  segm AP {metrics['segm'].get('AP', float('nan')):.1f}  AP50 "
+                     f"{metrics['segm'].get('AP50', float('nan')):.1f}")
+    lines += [f"  overlay (prediction green | ground truth yellow): {overlay}",
+              f"  metrics JSON: {metrics_path}",
+              f"  predicted label map: {label_path}",
+              f"  model: {summary['checkpoint']}"]
+    print(os.linesep.join(lines), flush=True)
+    return summary
