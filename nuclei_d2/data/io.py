@@ -172,6 +172,12 @@ def read_label_map(path: str | os.PathLike, shape: tuple[int, int] | None = None
     return raw.astype(np.int32)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` only if it succeeded.
 
@@ -185,6 +191,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)

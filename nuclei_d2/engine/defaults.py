@@ -127,12 +127,12 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
 
     cfg = build_cfg(config_file, opts)
     register_synthetic_datasets(SyntheticSpec.from_config(cfg))
+    from ..data.datasets import register_datasets_from_config
+
     try:
-        from ..data.datasets import register_datasets_from_config
-    except ImportError:  # pragma: no cover - the registration module is optional until issue 3 lands
-        register_datasets_from_config = None
-    if register_datasets_from_config is not None:
         register_datasets_from_config(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"DATASETS.REGISTER: {e}") from e
     _fall_back_to_cpu(cfg)
     check_weights(cfg.MODEL.WEIGHTS, resume=resume, output_dir=cfg.OUTPUT_DIR)
     if not eval_only:
