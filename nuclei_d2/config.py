@@ -131,3 +131,11 @@ def _add_test_config(cfg: CN) -> None:
     # Evaluators for datasets whose metadata says evaluator_type == "nuclei": any of "nuclei" (AJI, PQ, Dice, ...)
     # and "coco" (segm/bbox AP).
     cfg.TEST.EVALUATORS = ["nuclei", "coco"]
+    # NucleiEvaluator (nuclei_d2/evaluation, docs/metrics.md).
+    cfg.TEST.NUCLEI_EVAL = CN()
+    # IoU a predicted nucleus needs with a true one to count as detected (F1, precision, recall; PQ always uses >0.5).
+    cfg.TEST.NUCLEI_EVAL.IOU_THRESHOLD = 0.5
+    # Object-level Hausdorff distance (Cell R-CNN / panoptic-fusion papers); the slowest metric, ~50 ms a tile.
+    cfg.TEST.NUCLEI_EVAL.HAUSDORFF = True
+    # Predictions scoring below this are dropped before they are painted into the label map.
+    cfg.TEST.NUCLEI_EVAL.SCORE_THRESHOLD = 0.0

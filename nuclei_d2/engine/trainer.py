@@ -51,7 +51,9 @@ def build_nuclei_evaluators(cfg, dataset_name: str, output_folder: str | None = 
         if name == "nuclei":
             from ..evaluation import NucleiEvaluator
 
-            evaluators.append(NucleiEvaluator(dataset_name, output_dir=output_folder))
+            ev = cfg.TEST.NUCLEI_EVAL
+            evaluators.append(NucleiEvaluator(dataset_name, output_dir=output_folder, iou_threshold=ev.IOU_THRESHOLD,
+                                              hausdorff=ev.HAUSDORFF, score_threshold=ev.SCORE_THRESHOLD))
         elif name == "coco":
             evaluators.append(COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder,
                                             max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE))
