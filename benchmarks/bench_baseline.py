@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""CPU cost of the baseline Mask R-CNN: seconds per training iteration and per 1000x1000 inference.
+
+Run by hand (not a test):  python benchmarks/bench_baseline.py [--iters 5] [--threads 2]
+Prints a table; the tiny config is measured in the same run and reported as a ratio, since machines are noisy.
+Training uses the synthetic tiles (256x256 crops, 2 per batch, as in configs/Base-Nuclei-RCNN-FPN.yaml); inference a
+synthetic 1000x1000 tile with ~750 nuclei.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+from tabulate import tabulate
+
+import nuclei_d2  # noqa: F401
+from nuclei_d2.data.mapper import NucleiDatasetMapper
+from nuclei_d2.data.synthetic import make_synthetic_tile
+from nuclei_d2.engine import build_optimizer, setup_cfg
+from nuclei_d2.inference import NucleiPredictor
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def time_training(cfg, iters: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    opt = build_optimizer(cfg, model)
+    mapper = NucleiDatasetMapper(cfg, is_train=True)
+    records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    rng = np.random.default_rng(0)
+    times = []
+    with EventStorage(0):
+        for i in range(iters + 1):  # the first iteration warms up and is not counted
+            batch = []
+            while len(batch) < cfg.SOLVER.IMS_PER_BATCH:
+                b = mapper(records[rng.integers(len(records))])
+                if b is not None:
+                    batch.append(b)
+            t = time.perf_counter()
+            loss = sum(model(batch).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i:
+                times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def time_inference(cfg, image: np.ndarray, repeats: int) -> tuple[float, int]:
+    predictor = NucleiPredictor(cfg)
+    predictor(image)  # warm-up
+    times, n = [], 0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = len(predictor(image))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=5, help="timed training iterations per config")
+    p.add_argument("--repeats", type=int, default=3, help="timed inference runs per config")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    image, label = make_synthetic_tile(1000, 123)
+    rows = []
+    base = None
+    for name in ("maskrcnn_baseline.yaml", "maskrcnn_baseline-tiny.yaml"):
+        # Same data for both: 256x256 crops of 512x512 synthetic tiles.
+        cfg = setup_cfg(str(CONFIGS / name), ["MODEL.DEVICE", "cpu", "INPUT.CROP.SIZE", "[256, 256]",
+                                              "DATASETS.SYNTHETIC.IMAGE_SIZE", "512",
+                                              "DATASETS.SYNTHETIC.NUM_TRAIN", "4"])
+        train_s = time_training(cfg, args.iters)
+        infer_s, n = time_inference(cfg, image, args.repeats)
+        if base is None:
+            base = (train_s, infer_s)
+        rows.append([name, f"{train_s:.2f}", f"{base[0] / train_s:.2f}x", f"{infer_s:.2f}", f"{base[1] / infer_s:.2f}x",
+                     n])
+    print(f"\nCPU threads: {args.threads}; torch {torch.__version__}; 1000x1000 tile with {label.max()} nuclei "
+          "(random-init models: detection counts are not meaningful)\n")
+    print(tabulate(rows, headers=["config", "s / train iter (2x256²)", "speed vs R50", "s / 1000² inference",
+                                  "speed vs R50", "detections"], tablefmt="github"))
+
+
+if __name__ == "__main__":
+    main()
