@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""CPU time and peak memory of the U-Net family's inference, whole-image vs overlapped tiles.
+
+Run by hand (not a test):
+
+    python benchmarks/bench_unet.py                       # NB model (configs/nb_unet.yaml), 2 threads
+    python benchmarks/bench_unet.py --config configs/two_stage_unet_stage2.yaml --weights ''
+    python benchmarks/bench_unet.py --sizes 1000 2000 4000 --whole-max 2000 --threads 2
+
+Two tables:
+
+1. **Time for a 1000x1000 tile** (Cui et al. 2019 report "under 5 s" on a 2018 GPU): network forward tiled
+   (``MODEL.TILING`` patches, weighted vote) and whole-image, then post-processing and the conversion to
+   ``Instances``; CPU seconds (``time.process_time``: all threads of the process) and wall seconds, best of
+   ``--repeats``. The whole-image forward is the baseline of the ratio column.
+2. **Peak memory vs image size**: each (size, mode) runs in a fresh subprocess, which reports its peak RSS
+   (``ru_maxrss``) minus its RSS before inference (model built, image in memory), for ``predict_probs`` +
+   ``postprocess`` (the label map; ``Instances``' ``N x H x W`` masks are left out: they grow with the number of
+   nuclei times the image, whatever the model). The ratio column divides by the tiled 1000x1000 run.
+
+The image is a synthetic H&E-like 1000x1000 tile (``nuclei_d2.data.synthetic``), repeated to larger sizes. Random
+weights unless ``--weights`` is given (the network's cost does not depend on them; the post-processing's does a little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _image(size: int) -> np.ndarray:
+    from nuclei_d2.data.synthetic import make_synthetic_tile
+
+    tile = make_synthetic_tile(1000, 0)[0]
+    reps = -(-size // 1000)
+    return np.ascontiguousarray(np.tile(tile, (reps, reps, 1))[:size, :size])
+
+
+def _model(config: str, weights: str, tiled: bool, threads: int):
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    import nuclei_d2  # noqa: F401
+    from nuclei_d2.engine import setup_cfg
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights, "MODEL.TILING.ENABLED", str(tiled)],
+                    eval_only=True)
+    model = build_model(cfg).eval()
+    if weights:
+        DetectionCheckpointer(model).load(weights)
+    return model, cfg
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement in a fresh process: prints a JSON line."""
+    import torch
+
+    model, _ = _model(args.config, args.weights, args.mode == "tiled", args.threads)
+    image = torch.from_numpy(_image(args.size).transpose(2, 0, 1).astype(np.float32))
+    before = _rss_mb()
+    t = time.perf_counter()
+    with torch.no_grad():
+        probs = model.predict_probs(image)
+        label, _ = model.postprocess(probs.numpy())
+    print(json.dumps({"size": args.size, "mode": args.mode, "before_mb": before, "peak_mb": _peak_mb(),
+                      "seconds": time.perf_counter() - t, "nuclei": int(label.max())}))
+
+
+def time_one_tile(args: argparse.Namespace) -> list[list]:
+    import torch
+
+    image = torch.from_numpy(_image(1000).transpose(2, 0, 1).astype(np.float32))
+    rows = []
+    for mode in ("whole", "tiled"):
+        model, cfg = _model(args.config, args.weights, mode == "tiled", args.threads)
+        best: dict[str, tuple[float, float]] = {}
+        for _ in range(args.repeats):
+            steps = {}
+            with torch.no_grad():
+                c, w = time.process_time(), time.perf_counter()
+                probs = model.predict_probs(image)
+                steps["forward"] = (time.process_time() - c, time.perf_counter() - w)
+                c, w = time.process_time(), time.perf_counter()
+                label, scores = model.postprocess(probs.numpy())
+                steps["post-processing"] = (time.process_time() - c, time.perf_counter() - w)
+                c, w = time.process_time(), time.perf_counter()
+                model.postprocess_probs(probs)
+                steps["post-processing + Instances"] = (time.process_time() - c, time.perf_counter() - w)
+            for k, v in steps.items():
+                best[k] = min(best.get(k, v), v)
+        t = cfg.MODEL.TILING
+        what = f"tiled {t.PATCH_SIZE}/{t.STRIDE}, batch {t.BATCH_SIZE}" if mode == "tiled" else "whole image"
+        rows.append([f"forward ({what})", *best["forward"]])
+        if mode == "tiled":
+            rows.append(["post-processing (label map)", *best["post-processing"]])
+            rows.append(["post-processing + Instances", *best["post-processing + Instances"]])
+            rows.append([f"total, tiled ({int(label.max())} nuclei)",
+                         best["forward"][0] + best["post-processing + Instances"][0],
+                         best["forward"][1] + best["post-processing + Instances"][1]])
+    base = rows[0][1]
+    return [r + [r[1] / base] for r in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "configs" / "nb_unet.yaml"))
+    p.add_argument("--weights", default="", help="trained model_final.pth (default: random weights)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    p.add_argument("--whole-max", type=int, default=1000, help="largest size also run without tiling")
+    p.add_argument("--skip-time", action="store_true")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=("tiled", "whole"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(args)
+        return 0
+    from tabulate import tabulate
+
+    print(f"config {args.config}, weights {args.weights or '(random)'}, {args.threads} threads")
+    if not args.skip_time:
+        rows = time_one_tile(args)
+        print(f"\nOne 1000x1000 tile (best of {args.repeats})")
+        print(tabulate(rows, headers=["step", "CPU s", "wall s", "CPU / whole-image forward"], floatfmt=".2f"))
+    rows = []
+    base = None
+    for size in args.sizes:
+        for mode in ("tiled", "whole"):
+            if mode == "whole" and size > args.whole_max:
+                continue
+            cmd = [sys.executable, __file__, "--child", "--config", args.config, "--weights", args.weights,
+                   "--threads", str(args.threads), "--size", str(size), "--mode", mode]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append([size, mode, "failed", proc.stderr.strip().splitlines()[-1][:60], "", ""])
+                continue
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            delta = r["peak_mb"] - r["before_mb"]
+            if mode == "tiled" and size == args.sizes[0]:
+                base = delta
+            rows.append([size, mode, r["before_mb"], r["peak_mb"], delta, delta / base if base else float("nan"),
+                         r["seconds"]])
+    print("\nPeak memory of predict_probs + postprocess, one process per row (MiB)")
+    print(tabulate(rows, headers=["side px", "mode", "RSS before", "peak RSS", "peak - before",
+                                  f"ratio to tiled {args.sizes[0]}", "wall s"], floatfmt=".0f"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The two-stage U-Net: a segmentation U-Net, then a distance U-Net seeding a watershed (Mahbod et al. 2019).
+
+Mahbod, Schaefer, Ellinger, Ecker, Smedby and Wang, "A two-stage U-Net algorithm for segmentation of nuclei in
+H&E-stained tissues", European Congress on Digital Pathology (ECDP) 2019, LNCS 11435.
+
+* **Stage 1**: a U-Net (4 max-poolings, 4 transposed convolutions) segments nuclei, trained on a *modified* ground
+  truth — binarised, pixels where nuclei touch removed, eroded (``INPUT.TARGETS: ["eroded"]``;
+  :func:`nuclei_d2.data.targets.eroded_foreground`) — so that touching nuclei come out as separate components; loss
+  ``0.5 * BCE + Dice``; Adam, lr 1e-3 multiplied by 0.4 every 80 epochs.
+* **Stage 2**: a second U-Net of the same shape regresses the per-nucleus normalised distance map
+  (``"distance"``; :func:`nuclei_d2.data.targets.distance_map`) with a mean-squared-error loss.
+* **Instances**: the distance map, Gaussian-smoothed with sigma set from the mean nucleus size measured on the
+  stage-1 output, gives markers (local maxima) for a marker-controlled watershed restricted to the stage-1 foreground;
+  objects under 20 px are removed and holes filled (:func:`nuclei_d2.postprocess.distance_watershed`).
+
+Both U-Nets live in this one meta-architecture (``seg_net.*`` and ``dist_net.*`` in the checkpoint), trained in two
+runs with ``MODEL.TWO_STAGE.TRAIN_STAGE`` 1 then 2; the second run loads the first one's ``model_final.pth`` and keeps
+the segmentation U-Net frozen (``configs/two_stage_unet.yaml``, ``configs/two_stage_unet_stage2.yaml``;
+docs/unet_family.md). ``TRAIN_STAGE 0`` trains both at once (not in the paper).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from ..postprocess import distance_watershed, foreground_components, instance_scores
+from .dense_base import DenseSegmentor, dense_base_kwargs
+from .unet import UNet
+
+__all__ = ["TwoStageUNet"]
+
+logger = logging.getLogger(__name__)
+
+INFERENCE_MODES = ("watershed", "components")
+
+
+@META_ARCH_REGISTRY.register()
+class TwoStageUNet(DenseSegmentor):
+    """``MODEL.META_ARCHITECTURE: TwoStageUNet`` — see the module docstring."""
+
+    @configurable
+    def __init__(self, *, seg_net: UNet, dist_net: UNet, train_stage: int = 1, inference: str = "watershed",
+                 bce_weight: float = 0.5, dice_weight: float = 1.0, distance_weight: float = 1.0,
+                 distance_activation: str = "linear", post: dict[str, Any] | None = None, **kwargs: Any):
+        """
+        Args:
+            seg_net: stage-1 U-Net, 1 output (foreground logit).
+            dist_net: stage-2 U-Net, 1 output (distance).
+            train_stage: 1 (train ``seg_net``; ``dist_net`` frozen), 2 (train ``dist_net``; ``seg_net`` frozen) or 0
+                (both).
+            inference: "watershed" (the paper) or "components" (stage-1 foreground components only; what a model
+                whose stage 2 is not trained yet can do).
+            bce_weight, dice_weight: stage-1 loss ``bce_weight * BCE + dice_weight * (1 - Dice)``.
+            distance_weight: stage-2 loss ``distance_weight * MSE``.
+            distance_activation: "linear" (the paper) or "sigmoid" output of ``dist_net``.
+            post: keyword arguments of :func:`distance_watershed` (threshold, sigma, sigma_factor, min_distance,
+                peak_threshold, min_size, fill, dilate, connectivity); "components" uses threshold, connectivity,
+                min_size, fill and dilate.
+            kwargs: :class:`DenseSegmentor` arguments (pixel_mean, pixel_std, tiling, return_probs).
+        """
+        kwargs.setdefault("size_divisibility", max(seg_net.size_divisibility, dist_net.size_divisibility))
+        super().__init__(**kwargs)
+        for name, net in (("segmentation", seg_net), ("distance", dist_net)):
+            if net.out_channels != 1:
+                raise ValueError(f"the {name} U-Net must have 1 output channel, got {net.out_channels}")
+            if net.in_channels != self.in_channels:
+                raise ValueError(f"the {name} U-Net takes {net.in_channels} channels but PIXEL_MEAN has "
+                                 f"{self.in_channels}")
+        if train_stage not in (0, 1, 2):
+            raise ValueError(f"MODEL.TWO_STAGE.TRAIN_STAGE must be 1, 2 or 0 (both), got {train_stage}")
+        if inference not in INFERENCE_MODES:
+            raise ValueError(f"MODEL.TWO_STAGE.INFERENCE must be one of {INFERENCE_MODES}, got {inference!r}")
+        if distance_activation not in ("linear", "sigmoid"):
+            raise ValueError(f"MODEL.TWO_STAGE.DISTANCE_ACTIVATION must be 'linear' or 'sigmoid', got "
+                             f"{distance_activation!r}")
+        self.seg_net = seg_net
+        self.dist_net = dist_net
+        self.train_stage = int(train_stage)
+        self.inference_mode = inference
+        self.bce_weight, self.dice_weight = float(bce_weight), float(dice_weight)
+        self.distance_weight = float(distance_weight)
+        self.distance_activation = distance_activation
+        self.post = dict(post or {})
+        # The frozen U-Net gets no gradient and no optimizer state (get_default_optimizer_params skips it), and DDP
+        # ignores it.
+        for net in self._frozen_nets():
+            for p in net.parameters():
+                p.requires_grad_(False)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> dict[str, Any]:
+        ts = cfg.MODEL.TWO_STAGE
+        if int(ts.TRAIN_STAGE) == 2 and not cfg.MODEL.WEIGHTS:
+            logger.warning("MODEL.TWO_STAGE.TRAIN_STAGE is 2 but MODEL.WEIGHTS is empty: the segmentation U-Net stays "
+                           "at its random initialisation. Point MODEL.WEIGHTS at stage 1's model_final.pth.")
+        return {
+            **dense_base_kwargs(cfg),
+            "seg_net": UNet(cfg, out_channels=1),
+            "dist_net": UNet(cfg, out_channels=1),
+            "train_stage": int(ts.TRAIN_STAGE),
+            "inference": str(ts.INFERENCE),
+            "bce_weight": float(ts.BCE_WEIGHT),
+            "dice_weight": float(ts.DICE_WEIGHT),
+            "distance_weight": float(ts.DISTANCE_WEIGHT),
+            "distance_activation": str(ts.DISTANCE_ACTIVATION),
+            "post": {"threshold": float(ts.THRESHOLD), "sigma": float(ts.SIGMA), "sigma_factor": float(ts.SIGMA_FACTOR),
+                     "min_distance": int(ts.MIN_DISTANCE), "peak_threshold": float(ts.PEAK_THRESHOLD),
+                     "min_size": int(ts.MIN_SIZE), "fill": bool(ts.FILL_HOLES), "dilate": float(ts.DILATE),
+                     "connectivity": int(ts.CONNECTIVITY)},
+        }
+
+    def _frozen_nets(self) -> list[torch.nn.Module]:
+        return {0: [], 1: [self.dist_net], 2: [self.seg_net]}[self.train_stage]
+
+    def train(self, mode: bool = True) -> TwoStageUNet:
+        super().train(mode)
+        for net in self._frozen_nets():  # a frozen net never trains (no dropout/batch-statistics updates)
+            net.train(False)
+        return self
+
+    @property
+    def prob_names(self) -> tuple[str, ...]:  # type: ignore[override]
+        return ("foreground", "distance") if self.inference_mode == "watershed" else ("foreground",)
+
+    @property
+    def required_targets(self) -> tuple[str, ...]:
+        return {0: ("eroded", "distance"), 1: ("eroded",), 2: ("distance",)}[self.train_stage]
+
+    def _distance(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dist_net(x)
+        return torch.sigmoid(d) if self.distance_activation == "sigmoid" else d
+
+    def dense_probs(self, x: torch.Tensor) -> torch.Tensor:
+        fg = torch.sigmoid(self.seg_net(x))
+        if self.inference_mode == "components":
+            return fg
+        return torch.cat([fg, self._distance(x)], dim=1)
+
+    def dense_losses(self, x: torch.Tensor, targets: dict[str, torch.Tensor], valid: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+        losses: dict[str, torch.Tensor] = {}
+        v = valid.float()
+        n = v.sum().clamp_min(1.0)
+        if self.train_stage in (0, 1):
+            logits = self.seg_net(x)[:, 0]
+            t = targets["eroded"].float()
+            bce = (F.binary_cross_entropy_with_logits(logits, t, reduction="none") * v).sum() / n
+            p = torch.sigmoid(logits) * v
+            dice = (2.0 * (p * t).sum() + 1.0) / (p.sum() + (t * v).sum() + 1.0)
+            losses["loss_bce"] = self.bce_weight * bce
+            losses["loss_dice"] = self.dice_weight * (1.0 - dice)
+        if self.train_stage in (0, 2):
+            d = self._distance(x)[:, 0]
+            mse = (((d - targets["distance"].float()) ** 2) * v).sum() / n
+            losses["loss_distance"] = self.distance_weight * mse
+        return losses
+
+    def postprocess(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = self.post
+        if self.inference_mode == "components":
+            label = foreground_components(probs[0], p.get("threshold", 0.5), p.get("connectivity", 1),
+                                          p.get("min_size", 20), p.get("fill", True), p.get("dilate", 0.0))
+        else:
+            label = distance_watershed(probs[0], probs[1], **p)
+        return label, instance_scores(label, probs[0])
