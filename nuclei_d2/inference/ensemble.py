@@ -1,0 +1,104 @@
+"""Ensembles: several trained models (e.g. one per organ fold) run on the same image.
+
+Mask R-CNN+ (Bancher et al., MICCAI COMPAY 2021) combines models trained on different folds; their nuclei are merged
+at the instance level like test-time copies (:mod:`nuclei_d2.inference.merge`). This module builds the members from
+weights files (``TEST.ENSEMBLE.WEIGHTS``, optionally with their own config files ``TEST.ENSEMBLE.CONFIGS``) and gives
+each one the input channels it was trained with, so an RGB-only model and a five-channel model can vote together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+__all__ = ["EnsembleMember", "input_channel_names", "load_ensemble_members", "select_channels"]
+
+logger = logging.getLogger(__name__)
+
+RGB = ("red", "green", "blue")
+
+
+def input_channel_names(cfg: Any) -> list[str]:
+    """Names of the input channels a model built from ``cfg`` takes: RGB (or BGR) + ``INPUT.EXTRA_CHANNELS``."""
+    rgb = list(RGB) if cfg.INPUT.FORMAT != "BGR" else list(reversed(RGB))
+    return rgb + list(cfg.INPUT.EXTRA_CHANNELS)
+
+
+@dataclass
+class EnsembleMember:
+    """A model and the indices of the input channels it takes (None: all of them, in order)."""
+
+    model: nn.Module
+    channels: list[int] | None = None
+    name: str = "model"
+
+
+def select_channels(inp: dict[str, Any], channels: Sequence[int] | None) -> dict[str, Any]:
+    """A shallow copy of ``inp`` whose ``image`` keeps only ``channels`` (unchanged when None)."""
+    if channels is None:
+        return inp
+    out = dict(inp)
+    out["image"] = inp["image"][list(channels)]
+    return out
+
+
+def _channel_map(member_names: Sequence[str], input_names: Sequence[str], what: str) -> list[int] | None:
+    if list(member_names) == list(input_names):
+        return None
+    index = []
+    for n in member_names:
+        if n not in input_names:
+            raise ValueError(f"{what} takes the input channel {n!r} but the evaluated inputs have only "
+                             f"{list(input_names)}: add it to INPUT.EXTRA_CHANNELS of the main config")
+        index.append(list(input_names).index(n))
+    return index
+
+
+def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[str] = ()) -> list[EnsembleMember]:
+    """Build and load one model per weights file, in eval mode.
+
+    Args:
+        cfg: the main (evaluation) config: its input channels are what the members receive.
+        weights: ``.pth``/``.pkl`` files (``TEST.ENSEMBLE.WEIGHTS``).
+        configs: config files of the members (``TEST.ENSEMBLE.CONFIGS``): empty (every member has the main
+            config's architecture), one (shared by all) or one per weights file.
+
+    Raises:
+        FileNotFoundError: a weights or config file does not exist (the message names it).
+        ValueError: ``configs`` has a bad length, or a member needs an input channel the main config lacks.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    weights, configs = list(weights), list(configs)
+    if configs and len(configs) not in (1, len(weights)):
+        raise ValueError(f"TEST.ENSEMBLE.CONFIGS lists {len(configs)} files for {len(weights)} weights files: give "
+                         "none, one (shared) or one per weights file")
+    input_names = input_channel_names(cfg)
+    members = []
+    for i, path in enumerate(weights):
+        if "://" not in path and not os.path.isfile(os.path.expanduser(path)):
+            raise FileNotFoundError(f"TEST.ENSEMBLE.WEIGHTS[{i}]: weights file not found: {path!r}")
+        mcfg = cfg
+        if configs:
+            cfile = configs[i] if len(configs) > 1 else configs[0]
+            if not os.path.isfile(cfile):
+                raise FileNotFoundError(f"TEST.ENSEMBLE.CONFIGS: config file not found: {cfile!r}")
+            from ..engine.defaults import build_cfg
+
+            mcfg = build_cfg(cfile, ["MODEL.DEVICE", cfg.MODEL.DEVICE])
+        mcfg = mcfg.clone()
+        mcfg.defrost()
+        mcfg.MODEL.WEIGHTS = path
+        model = build_model(mcfg)
+        DetectionCheckpointer(model).load(path)
+        model.eval()
+        channels = _channel_map(input_channel_names(mcfg), input_names, f"TEST.ENSEMBLE member {path!r}")
+        members.append(EnsembleMember(model, channels, name=os.path.basename(path)))
+        logger.info("Ensemble member %d: %s (%s)", i + 1, path, type(model).__name__)
+    return members

@@ -1,0 +1,206 @@
+"""``TestTimeWrapper``: test-time augmentation and/or an ensemble around any nuclei-d2 model, merged per nucleus.
+
+What Mask R-CNN+ does at inference (Bancher et al., MICCAI COMPAY 2021, after Hollandi et al. 2020): every model
+of the ensemble predicts every test-time copy of the image, each prediction is mapped back to the original frame
+(:mod:`nuclei_d2.inference.tta`), and the nuclei are merged -- grouped by mask IoU, groups seen by too few members
+dropped, soft masks averaged and thresholded, scores averaged (:mod:`nuclei_d2.inference.merge`).
+
+The wrapper is an ``nn.Module`` with the model contract (``[{"instances": Instances}]``), so Detectron2's
+``inference_on_dataset`` and every evaluator use it unchanged. ``NucleiTrainer.test`` wraps the model with
+:func:`build_test_time_wrapper` when ``TEST.AUG.ENABLED`` is set or ``TEST.ENSEMBLE.WEIGHTS`` lists models, so::
+
+    python tools/train_net.py --config-file configs/maskrcnn_plus.yaml --eval-only MODEL.WEIGHTS fold0.pth \\
+        TEST.AUG.ENABLED True TEST.ENSEMBLE.WEIGHTS "['fold1.pth', 'fold2.pth']"
+
+It works with any model returning ``pred_masks``. For R-CNN models (``GeneralizedRCNN`` and subclasses, e.g.
+Mask R-CNN+) the *soft* masks are merged (``TEST.MERGE.SOFT_MASKS``): the mask head's probabilities are pasted into
+each box exactly as Detectron2 pastes them (``_do_paste_mask``), but kept as probabilities and as crops, instead of
+full-size boolean masks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .ensemble import EnsembleMember, load_ensemble_members, select_channels
+from .merge import CropMasks, merge_instances
+from .tta import TTATransform, parse_tta_transforms, tta_input
+
+__all__ = ["TestTimeWrapper", "build_test_time_wrapper", "predict_crops", "rcnn_soft_crops"]
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _supports_soft_masks(model: nn.Module) -> bool:
+    from detectron2.modeling import GeneralizedRCNN
+
+    if not isinstance(model, GeneralizedRCNN) or not getattr(model.roi_heads, "mask_on", False):
+        return False
+    return "do_postprocess" in inspect.signature(model.inference).parameters
+
+
+def rcnn_soft_crops(raw: Any, height: int, width: int) -> CropMasks:
+    """Soft mask crops from raw R-CNN outputs (``inference(..., do_postprocess=False)``) at ``height x width``.
+
+    Boxes are rescaled from the network input to the output size, clipped and filtered like
+    ``detector_postprocess``; each ``M x M`` mask probability map is pasted into its box with Detectron2's own
+    ``_do_paste_mask`` (same sampling), kept as probabilities in the pasted region.
+    """
+    from detectron2.layers.mask_ops import _do_paste_mask
+
+    h_in, w_in = raw.image_size
+    n = len(raw)
+    boxes = raw.pred_boxes.tensor.detach().to("cpu", torch.float32).clone() if n else torch.zeros((0, 4))
+    boxes[:, 0::2] *= width / float(w_in)
+    boxes[:, 1::2] *= height / float(h_in)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+    idx = torch.nonzero(keep).flatten()
+    masks = raw.pred_masks.detach().to("cpu", torch.float32) if n else torch.zeros((0, 1, 1, 1))
+    scores = raw.scores.detach().cpu().numpy() if n else np.zeros(0, np.float32)
+    classes = raw.pred_classes.detach().cpu().numpy() if n else np.zeros(0, np.int64)
+    out_boxes, crops, kept = [], [], []
+    for i in idx.tolist():
+        pasted, (sy, sx) = _do_paste_mask(masks[i:i + 1], boxes[i:i + 1], height, width, skip_empty=True)
+        crop = pasted[0].numpy()
+        if crop.size == 0:
+            continue
+        kept.append(i)
+        x0, y0 = int(sx.start), int(sy.start)
+        out_boxes.append((x0, y0, x0 + crop.shape[1], y0 + crop.shape[0]))
+        crops.append(np.ascontiguousarray(crop, dtype=np.float32))
+    k = np.asarray(kept, dtype=np.int64)
+    return CropMasks((height, width), np.asarray(out_boxes, np.int64).reshape(-1, 4), crops, scores[k], classes[k])
+
+
+@torch.no_grad()
+def predict_crops(model: nn.Module, inp: dict[str, Any], soft_masks: bool = True) -> CropMasks:
+    """Predictions of ``model`` on one mapped input as :class:`CropMasks`, at the input's ``height x width``.
+
+    Soft masks for R-CNN models when ``soft_masks`` (see :func:`rcnn_soft_crops`), else the model's boolean
+    ``pred_masks``.
+    """
+    m = _unwrap(model)
+    h, w = inp["image"].shape[-2:]
+    height, width = int(inp.get("height", h)), int(inp.get("width", w))
+    if soft_masks and _supports_soft_masks(m):
+        raw = m.inference([inp], do_postprocess=False)[0]
+        return rcnn_soft_crops(raw, height, width)
+    out = model([inp])[0]
+    if "instances" not in out:
+        raise KeyError(f"{inp.get('file_name', 'input')}: model output has no 'instances' (keys: {sorted(out)})")
+    return CropMasks.from_instances(out["instances"].to("cpu"))
+
+
+class TestTimeWrapper(nn.Module):
+    """Run ``members x transforms`` predictions per image and merge them per nucleus (see the module docstring).
+
+    Inference only: calling it in training mode raises.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    def __init__(self, members: Sequence[nn.Module | EnsembleMember], transforms: Sequence[TTATransform] | None = None,
+                 *, iou_threshold: float = 0.5, min_votes: int = 2, mask_threshold: float = 0.5,
+                 soft_masks: bool = True, extra_channels: Sequence[str] = (), input_format: str = "RGB"):
+        """
+        Args:
+            members: models (or :class:`EnsembleMember` with their input channels); at least one.
+            transforms: test-time copies (default: the identity only).
+            iou_threshold, min_votes, mask_threshold: see :func:`nuclei_d2.inference.merge.merge_instances`.
+            soft_masks: merge the mask probabilities of R-CNN models (else their boolean masks).
+            extra_channels: ``INPUT.EXTRA_CHANNELS`` of the inputs (a colour copy recomputes ``hematoxylin``).
+            input_format: "RGB" or "BGR" order of the first three channels.
+        """
+        super().__init__()
+        if not members:
+            raise ValueError("TestTimeWrapper needs at least one model")
+        wrapped = [m if isinstance(m, EnsembleMember) else EnsembleMember(m) for m in members]
+        self.models = nn.ModuleList([m.model for m in wrapped])
+        self.channels = [m.channels for m in wrapped]
+        self.transforms = list(transforms) if transforms else parse_tta_transforms(["identity"])
+        self.iou_threshold = float(iou_threshold)
+        self.min_votes = int(min_votes)
+        self.mask_threshold = float(mask_threshold)
+        self.soft_masks = bool(soft_masks)
+        self.extra_channels = tuple(extra_channels)
+        self.input_format = input_format
+        if self.min_votes < 1:
+            raise ValueError(f"TEST.MERGE.MIN_VOTES must be >= 1, got {min_votes}")
+        if self.min_votes > self.num_predictions:
+            logger.warning("TEST.MERGE.MIN_VOTES is %d but each image gets only %d predictions (%d model(s) x %d "
+                           "transform(s)): every nucleus predicted by all of them is kept", self.min_votes,
+                           self.num_predictions, len(self.models), len(self.transforms))
+
+    @property
+    def num_predictions(self) -> int:
+        """Predictions merged per image (members x transforms)."""
+        return len(self.models) * len(self.transforms)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.models[0].parameters()).device
+
+    def member_predictions(self, inp: dict[str, Any]) -> list[CropMasks]:
+        """Every model's prediction of every transformed copy of ``inp``, in the original frame."""
+        h, w = inp["image"].shape[-2:]
+        height, width = int(inp.get("height", h)), int(inp.get("width", w))
+        preds = []
+        for model, channels in zip(self.models, self.channels):
+            for t in self.transforms:
+                copy = tta_input(inp, t, self.extra_channels, self.input_format)
+                pred = predict_crops(model, select_channels(copy, channels), self.soft_masks)
+                preds.append(t.invert(pred, height, width))
+        return preds
+
+    @torch.no_grad()
+    def forward(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.training:
+            raise RuntimeError("TestTimeWrapper is for inference only: call .eval() first")
+        results = []
+        for inp in batched_inputs:
+            merged = merge_instances(self.member_predictions(inp), self.iou_threshold, self.min_votes,
+                                     self.mask_threshold)
+            results.append({"instances": merged.to_instances(self.mask_threshold).to(self.device)})
+        return results
+
+
+def build_test_time_wrapper(cfg: Any, model: nn.Module) -> nn.Module:
+    """``model`` wrapped in a :class:`TestTimeWrapper` per ``TEST.AUG`` / ``TEST.ENSEMBLE`` / ``TEST.MERGE``, or
+    ``model`` itself when neither test-time augmentation nor an ensemble is configured."""
+    tta_on = bool(cfg.TEST.AUG.ENABLED)
+    weights = [w for w in cfg.TEST.ENSEMBLE.WEIGHTS if w]
+    if not tta_on and not weights:
+        return model
+    main = os.path.realpath(os.path.expanduser(cfg.MODEL.WEIGHTS)) if cfg.MODEL.WEIGHTS else None
+    extra = []
+    for w in weights:
+        if main and "://" not in w and os.path.realpath(os.path.expanduser(w)) == main:
+            logger.info("TEST.ENSEMBLE.WEIGHTS: %s is MODEL.WEIGHTS (the evaluated model): not loaded twice", w)
+            continue
+        extra.append(w)
+    members: list[nn.Module | EnsembleMember] = [EnsembleMember(_unwrap(model), None, "main")]
+    members += load_ensemble_members(cfg, extra, list(cfg.TEST.ENSEMBLE.CONFIGS))
+    transforms = parse_tta_transforms(list(cfg.TEST.AUG.TRANSFORMS), float(cfg.TEST.AUG.HUE_DELTA)) if tta_on \
+        else parse_tta_transforms(["identity"])
+    m = cfg.TEST.MERGE
+    wrapper = TestTimeWrapper(members, transforms, iou_threshold=m.IOU_THRESHOLD, min_votes=m.MIN_VOTES,
+                              mask_threshold=m.MASK_THRESHOLD, soft_masks=m.SOFT_MASKS,
+                              extra_channels=list(cfg.INPUT.EXTRA_CHANNELS), input_format=cfg.INPUT.FORMAT)
+    logger.info("Test-time wrapper: %d model(s) x %d transform(s) %s = %d predictions per image, merged at mask IoU "
+                ">= %.2f with >= %d vote(s)", len(members), len(transforms), [t.name for t in transforms],
+                wrapper.num_predictions, m.IOU_THRESHOLD, min(m.MIN_VOTES, wrapper.num_predictions))
+    return wrapper

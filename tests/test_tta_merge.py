@@ -1,0 +1,270 @@
+"""Instance-level merging (nuclei_d2/inference/merge.py) on hand-made masks, TTA transforms and their inverses
+(tta.py) on an asymmetric synthetic image, and the method-agnostic TestTimeWrapper (test_time.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from detectron2.structures import Instances
+from scipy import ndimage
+from torch import nn
+
+from nuclei_d2.inference.merge import CropMasks, group_instances, mask_ious, merge_instances
+from nuclei_d2.inference.test_time import TestTimeWrapper
+from nuclei_d2.inference.tta import parse_tta_transforms, tta_input
+
+
+def rect(h: int, w: int, y0: int, y1: int, x0: int, x1: int, value: float = 1.0) -> np.ndarray:
+    m = np.zeros((h, w), dtype=np.float32)
+    m[y0:y1, x0:x1] = value
+    return m
+
+
+def member(masks: list[np.ndarray], scores: list[float], classes: list[int] | None = None) -> CropMasks:
+    return CropMasks.from_masks(np.stack(masks), scores, classes)
+
+
+# ---- CropMasks ---------------------------------------------------------------------------------------------------
+
+
+def test_crop_masks_round_trip_recomputes_boxes():
+    a = rect(10, 12, 2, 5, 3, 7)
+    b = np.zeros((10, 12), np.float32)
+    b[6, 1] = b[8, 4] = 1  # two separate pixels: the box spans both
+    c = np.zeros((10, 12), np.float32)  # empty: dropped
+    cm = member([a, b, c], [0.9, 0.8, 0.7], [0, 1, 2])
+    assert len(cm) == 2
+    assert cm.boxes.tolist() == [[3, 2, 7, 5], [1, 6, 5, 9]]
+    inst = cm.to_instances()
+    assert inst.image_size == (10, 12)
+    assert inst.pred_boxes.tensor.tolist() == [[3.0, 2.0, 7.0, 5.0], [1.0, 6.0, 5.0, 9.0]]
+    assert torch.equal(inst.pred_masks[0], torch.from_numpy(a > 0))
+    assert torch.equal(inst.pred_masks[1], torch.from_numpy(b > 0))
+    assert inst.scores.tolist() == pytest.approx([0.9, 0.8])
+    assert inst.pred_classes.tolist() == [0, 1]
+
+
+def test_crop_masks_rejects_inconsistent_input():
+    with pytest.raises(ValueError, match="box 0"):
+        CropMasks((5, 5), np.array([[0, 0, 6, 2]]), [np.ones((2, 6), np.float32)], [1.0], [0])
+    with pytest.raises(ValueError, match="mask 0 has shape"):
+        CropMasks((5, 5), np.array([[0, 0, 2, 2]]), [np.ones((3, 3), np.float32)], [1.0], [0])
+
+
+def test_mask_ious_hand_computed():
+    a = member([rect(10, 10, 2, 6, 2, 6), rect(10, 10, 0, 2, 8, 10)], [1, 1])  # 16 px; 4 px far away
+    b = member([rect(10, 10, 2, 6, 4, 8)], [1])  # 16 px, overlaps a[0] on 4 x 2 = 8 px
+    i, j, v = mask_ious(a, b)
+    assert i.tolist() == [0] and j.tolist() == [0]
+    assert v[0] == pytest.approx(8 / (16 + 16 - 8))
+
+
+# ---- merging -----------------------------------------------------------------------------------------------------
+
+
+def three_members():
+    """Nucleus A seen by all three members (slightly different masks), B by member 0 only, C twice by member 1."""
+    h = w = 20
+    a0 = rect(h, w, 2, 6, 2, 6)   # 16 px
+    a1 = rect(h, w, 2, 6, 2, 7)   # 20 px, IoU with a0 = 0.8
+    a2 = rect(h, w, 2, 7, 2, 6)   # 20 px, IoU with a0 = 0.8
+    b0 = rect(h, w, 12, 15, 12, 15)
+    c1 = rect(h, w, 14, 18, 2, 6)
+    c1b = rect(h, w, 14, 18, 2, 7)  # a duplicate of C from the same member
+    return [member([a0, b0], [0.9, 0.95], [0, 1]),
+            member([a1, c1, c1b], [0.6, 0.5, 0.4], [1, 0, 0]),
+            member([a2], [0.3], [1])]
+
+
+def test_group_instances_one_prediction_per_member_per_group():
+    groups = group_instances(three_members(), iou_threshold=0.5)
+    # Seeds by decreasing score: B (0.95, member 0), A (0.9, member 0), C (0.5, member 1), C duplicate (0.4).
+    assert groups == [[(0, 1)], [(0, 0), (1, 0), (2, 0)], [(1, 1)], [(1, 2)]]
+
+
+def test_merge_drops_singletons_and_averages():
+    merged = merge_instances(three_members(), iou_threshold=0.5, min_votes=2)
+    # Only A has two or more votes (B is a singleton, C's duplicates are the same member: no second vote).
+    assert len(merged) == 1
+    inst = merged.to_instances()
+    # Mean of the three masks: 1 on a0 (in all three), 1/3 on a1's extra column and a2's extra row -> a0.
+    assert torch.equal(inst.pred_masks[0], torch.from_numpy(rect(20, 20, 2, 6, 2, 6) > 0))
+    assert inst.pred_boxes.tensor.tolist() == [[2.0, 2.0, 6.0, 6.0]]
+    assert inst.scores.tolist() == pytest.approx([(0.9 + 0.6 + 0.3) / 3])
+    assert inst.pred_classes.tolist() == [1]  # classes 0, 1, 1: the majority
+
+
+def test_merge_min_votes_one_keeps_everything_and_sorts_by_score():
+    merged = merge_instances(three_members(), iou_threshold=0.5, min_votes=1)
+    assert len(merged) == 4
+    assert merged.scores.tolist() == pytest.approx([0.95, 0.6, 0.5, 0.4])
+
+
+def test_merge_iou_threshold_separates_weak_overlaps():
+    a = member([rect(10, 10, 0, 4, 0, 4)], [0.9])
+    b = member([rect(10, 10, 0, 4, 2, 6)], [0.8])  # IoU 8 / 24 = 1/3
+    assert len(merge_instances([a, b], iou_threshold=0.5, min_votes=2)) == 0
+    assert len(merge_instances([a, b], iou_threshold=0.3, min_votes=2)) == 1
+
+
+def test_merge_averages_soft_masks():
+    # Two members; pixel values 0.8 + 0.3 -> 0.55 (kept), 0.6 + 0.3 -> 0.45 (dropped), 1 + 0 (outside the other's
+    # mask) -> 0.5 (kept: >= threshold).
+    m0 = np.zeros((6, 6), np.float32)
+    m1 = np.zeros((6, 6), np.float32)
+    m0[1:4, 1:4] = 0.8
+    m1[1:4, 1:4] = 0.9
+    m0[1, 1], m1[1, 1] = 0.8, 0.3
+    m0[1, 2], m1[1, 2] = 0.6, 0.3
+    m0[4, 1] = 1.0
+    merged = merge_instances([member([m0], [0.5]), member([m1], [1.0])], min_votes=2, mask_threshold=0.5)
+    assert len(merged) == 1
+    full = merged.to_instances().pred_masks[0].numpy()
+    expected = np.zeros((6, 6), bool)
+    expected[1:4, 1:4] = True
+    expected[1, 2] = False
+    expected[4, 1] = True
+    assert np.array_equal(full, expected)
+    soft = np.zeros((6, 6), np.float32)
+    x0, y0, x1, y1 = merged.boxes[0]
+    soft[y0:y1, x0:x1] = merged.masks[0]
+    assert soft[1, 1] == pytest.approx(0.55) and soft[2, 2] == pytest.approx(0.85)
+    assert merged.scores[0] == pytest.approx(0.75)
+
+
+def test_merge_single_member_passes_through_and_min_votes_is_validated():
+    only = member([rect(8, 8, 1, 3, 1, 3), rect(8, 8, 5, 7, 5, 7)], [0.9, 0.7])
+    assert len(merge_instances([only], min_votes=2)) == 2  # clamped to the number of members
+    with pytest.raises(ValueError, match="min_votes"):
+        merge_instances([only], min_votes=0)
+    with pytest.raises(ValueError, match="at least one member"):
+        merge_instances([])
+
+
+# ---- TTA transforms and inverses -----------------------------------------------------------------------------------
+
+
+def asymmetric_image(h: int = 40, w: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+    """A non-square image with an L-shaped and a small square 'nucleus' near one corner: no flip or rotation maps it
+    onto itself. Dark purple nuclei (low values) on a light background, 0-255 float, 3 x H x W."""
+    label = np.zeros((h, w), np.int32)
+    label[3:15, 4:8] = 1
+    label[11:15, 4:14] = 1  # the L
+    label[25:31, 45:49] = 2
+    rgb = np.full((h, w, 3), 230.0, np.float32)
+    rgb[label > 0] = (90.0, 40.0, 140.0)
+    return torch.from_numpy(rgb.transpose(2, 0, 1).copy()), label
+
+
+class ThresholdModel(nn.Module):
+    """A 'model' with the project's contract: nuclei = connected components of dark pixels, at the input's size.
+
+    With ``ghost_when_flipped`` it also reports a spurious nucleus in the top-left corner of every copy whose top-left
+    pixel is background in the original (a transform-dependent false positive).
+    """
+
+    def __init__(self, ghost: bool = False):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.ghost = ghost
+        self.calls = 0
+
+    def forward(self, batched_inputs):
+        out = []
+        for inp in batched_inputs:
+            self.calls += 1
+            img = inp["image"].numpy()
+            dark = img[:3].mean(axis=0) < 150
+            if self.ghost:
+                dark = dark.copy()
+                dark[0:2, 0:2] = self.calls % 4 == 2  # only on the second call of every four
+            label, n = ndimage.label(dark)
+            masks = torch.from_numpy(np.stack([label == i for i in range(1, n + 1)]) if n else np.zeros((0,) +
+                                     label.shape, bool))
+            inst = Instances(label.shape)
+            inst.pred_masks = masks
+            inst.scores = torch.linspace(0.9, 0.5, n) if n else torch.zeros(0)
+            inst.pred_classes = torch.zeros(n, dtype=torch.int64)
+            assert (inp["height"], inp["width"]) == label.shape
+            out.append({"instances": inst})
+        return out
+
+
+TRANSFORMS = ["identity", "hflip", "vflip", "rot90", "rot180", "rot270", "hflip+rot90", "vflip+rot270", "hue:0.1"]
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+def test_tta_inverse_puts_masks_back(name):
+    image, label = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64, "file_name": "synthetic.png", "label_map": torch.zeros(1)}
+    (t,) = parse_tta_transforms([name])
+    copy = tta_input(inp, t)
+    assert "label_map" not in copy  # ground truth of the original frame is dropped
+    model = ThresholdModel()
+    pred = CropMasks.from_instances(model([copy])[0]["instances"])
+    back = t.invert(pred, 40, 64)
+    got = sorted(tuple(map(tuple, np.argwhere(m >= 0.5) + b[[1, 0]])) for b, m in zip(back.boxes, back.masks))
+    want = sorted(tuple(map(tuple, np.argwhere(label == v))) for v in (1, 2))
+    assert got == want
+    if t.is_geometric:  # without the inverse the masks would be elsewhere (the test can fail)
+        raw = sorted(tuple(map(tuple, np.argwhere(m >= 0.5) + b[[1, 0]])) for b, m in zip(pred.boxes, pred.masks))
+        assert raw != want
+
+
+def test_tta_output_sizes_and_bad_names():
+    rot, both = parse_tta_transforms(["rot90", "hflip+rot270"])
+    assert rot.output_size(40, 64) == (64, 40) and both.output_size(40, 64) == (64, 40)
+    with pytest.raises(ValueError, match="unknown transform 'flip'"):
+        parse_tta_transforms(["flip"])
+    with pytest.raises(ValueError, match="bad hue shift"):
+        parse_tta_transforms(["hue:abc"])
+
+
+def test_hue_copy_recomputes_hematoxylin_channel():
+    from nuclei_d2.stain import hematoxylin_channel
+
+    image, _ = asymmetric_image()
+    rgb_u8 = image.numpy().transpose(1, 2, 0).astype(np.uint8)
+    h = torch.from_numpy(hematoxylin_channel(rgb_u8) * 255.0)[None]
+    inp = {"image": torch.cat([image, h, torch.zeros_like(h)]), "height": 40, "width": 64}
+    (t,) = parse_tta_transforms(["hue"], hue_delta=0.25)
+    copy = tta_input(inp, t, extra_channels=["hematoxylin", "distance"])
+    shifted = copy["image"][:3].numpy().transpose(1, 2, 0).astype(np.uint8)
+    assert not np.array_equal(shifted, rgb_u8)
+    expected = hematoxylin_channel(np.ascontiguousarray(shifted)) * 255.0
+    assert np.allclose(copy["image"][3].numpy(), expected, atol=1e-3)
+    assert not np.allclose(copy["image"][3].numpy(), h[0].numpy(), atol=1.0)
+    assert torch.equal(copy["image"][4], inp["image"][4])  # the distance channel is untouched
+
+
+# ---- the wrapper --------------------------------------------------------------------------------------------------
+
+
+def test_wrapper_merges_copies_and_drops_transform_dependent_false_positives():
+    image, label = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64}
+    transforms = parse_tta_transforms(["identity", "hflip", "vflip", "rot90"])
+    single = ThresholdModel(ghost=True)
+    wrapper = TestTimeWrapper([single], transforms, min_votes=2).eval()
+    out = wrapper([inp])[0]["instances"]
+    assert single.calls == 4
+    masks = out.pred_masks.numpy()
+    assert len(masks) == 2  # the ghost was seen by one copy only
+    assert sorted(int(m.sum()) for m in masks) == sorted(int((label == v).sum()) for v in (1, 2))
+    for m in masks:
+        assert len(np.unique(label[m])) == 1 and label[m][0] > 0
+    assert out.has("pred_boxes") and out.has("scores")
+    kept_all = TestTimeWrapper([ThresholdModel(ghost=True)], transforms, min_votes=1).eval()([inp])[0]["instances"]
+    assert len(kept_all) == 3
+    with pytest.raises(RuntimeError, match="inference only"):
+        wrapper.train()([inp])
+
+
+def test_wrapper_ensemble_of_models_votes():
+    image, _ = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64}
+    # Three models, one identity copy each: a nucleus needs two of the three.
+    wrapper = TestTimeWrapper([ThresholdModel(), ThresholdModel(), ThresholdModel()], None, min_votes=3).eval()
+    assert wrapper.num_predictions == 3
+    assert len(wrapper([inp])[0]["instances"]) == 2
