@@ -21,6 +21,12 @@ def add_nuclei_config(cfg: CN) -> CN:
     _add_augment_and_target_config(cfg)
     _add_solver_config(cfg)
     _add_test_config(cfg)
+    _add_panoptic_fusion_config(cfg)
+    _add_unet_config(cfg)
+    _add_maskrcnn_plus_config(cfg)
+    _add_tta_config(cfg)
+    _add_inference_config(cfg)
+    _add_brpnet_config(cfg)
     return cfg
 
 
@@ -139,3 +145,322 @@ def _add_test_config(cfg: CN) -> None:
     cfg.TEST.NUCLEI_EVAL.HAUSDORFF = True
     # Predictions scoring below this are dropped before they are painted into the label map.
     cfg.TEST.NUCLEI_EVAL.SCORE_THRESHOLD = 0.0
+
+
+def _add_unet_config(cfg: CN) -> None:
+    """The U-Net family (nuclei_d2/modeling/unet.py, dense.py, nb_unet.py, two_stage_unet.py; nuclei_d2/postprocess.py;
+    nuclei_d2/inference/tiling.py; docs/unet_family.md)."""
+    # ---- the configurable U-Net (one implementation for every dense method) -------------------------------------
+    u = cfg.MODEL.UNET = CN()
+    # Number of 2x2 max-poolings (= transposed convolutions); the net has DEPTH + 1 levels. Mahbod et al.: 4.
+    u.DEPTH = 4
+    # Width of the first level; level i has BASE_CHANNELS * 2**i channels unless CHANNELS lists them.
+    u.BASE_CHANNELS = 32
+    # Explicit widths of the DEPTH + 1 levels (overrides BASE_CHANNELS when not empty).
+    u.CHANNELS = []
+    # Convolutions per level (2 in the original U-Net) and their (odd) kernel size; "same" padding.
+    u.CONVS_PER_BLOCK = 2
+    u.KERNEL_SIZE = 3
+    # "relu", "selu", "elu", "leaky_relu" or "gelu" (Cui et al.'s NB model: "selu").
+    u.ACTIVATION = "relu"
+    # "" (none; the NB model), "BN", "SyncBN", "GN" (gcd(32, width) groups) or "IN".
+    u.NORM = ""
+    # Dropout probability, its kind ("standard" or "alpha" = AlphaDropout for SELU) and place ("conv": after every
+    # convolution, as in the NB model; "block": once per level between its two convolutions).
+    u.DROPOUT = 0.0
+    u.DROPOUT_TYPE = "standard"
+    u.DROPOUT_AT = "conv"
+    # Weight init: "default" (PyTorch's), "glorot_uniform" (the NB model), "he_normal" or "lecun_normal".
+    u.INIT = "he_normal"
+    # Decoder upsampling: "transpose" (2x2 stride-2 transposed conv) or "bilinear" (+ 1x1 conv).
+    u.UPSAMPLE = "transpose"
+    # Padding of inputs to a multiple of 2**DEPTH (cropped back after): "reflect", "replicate" or "constant".
+    u.PAD_MODE = "reflect"
+
+    # ---- overlapped-tile inference for dense models (nuclei_d2/inference/tiling.py) --------------------------------
+    t = cfg.MODEL.TILING = CN()
+    # Run inference tile by tile when the image is larger than PATCH_SIZE on either side (memory then depends on the
+    # patch batch, not on the image). Smaller images run whole.
+    t.ENABLED = True
+    # Square patch side and stride in pixels (stride < patch: overlapping patches; every pixel's prediction is the
+    # weighted vote of all patches covering it).
+    t.PATCH_SIZE = 256
+    t.STRIDE = 128
+    # Vote weight inside a patch: "edge" (Cui et al.'s W = alpha * De / (Dc + De): pixels near a patch border count
+    # less) or "uniform" (plain average).
+    t.WEIGHT = "edge"
+    # Patches per forward pass.
+    t.BATCH_SIZE = 4
+    # Show a tqdm progress bar over the patches of each image.
+    t.PROGRESS = False
+
+    # ---- dense meta-architectures (nuclei_d2/modeling/dense.py) ------------------------------------------------------
+    d = cfg.MODEL.DENSE = CN()
+    # Return the probability maps (C x H x W, at the input's height/width) under "probs" next to "instances".
+    d.RETURN_PROBS = True
+    # Refuse (with a clear error) to build Instances whose N x H x W boolean pred_masks would exceed this many GiB
+    # (thousands of nuclei on a large region); model.predict_probs + model.postprocess work on label maps instead.
+    d.MAX_MASK_GB = 8.0
+
+    # ---- nucleus-boundary model, Cui et al. 2019 (nuclei_d2/modeling/nb_unet.py) -----------------------------------
+    nb = cfg.MODEL.NB = CN()
+    # Per-pixel loss weight: "edge" (W = alpha * De / (Dc + De) of the training patch, the paper's) or "none".
+    nb.LOSS_WEIGHTING = "edge"
+    # Cross-entropy weights of background, boundary, inside.
+    nb.CLASS_WEIGHTS = [1.0, 1.0, 1.0]
+    # Post-processing: inside probability > THRESHOLD -> connected components (CONNECTIVITY 1 = 4-, 2 = 8-neighbours)
+    # -> each grown back by DILATION px (negative = INPUT.BOUNDARY_WIDTH, what the paper does).
+    nb.THRESHOLD = 0.5
+    nb.CONNECTIVITY = 1
+    nb.DILATION = -1.0
+    # Drop components smaller than MIN_SIZE px before dilation (0 = keep all: the paper's post-processing is
+    # parameter-free).
+    nb.MIN_SIZE = 0
+    # Restrict the dilation to pixels the model calls nucleus or boundary (argmax != background). Not in the paper.
+    nb.RESTRICT_TO_FOREGROUND = False
+
+    # ---- two-stage U-Net, Mahbod et al. 2019 (nuclei_d2/modeling/two_stage_unet.py) ---------------------------------
+    ts = cfg.MODEL.TWO_STAGE = CN()
+    # Which U-Net trains: 1 = the segmentation U-Net on the modified ("eroded") ground truth, 2 = the distance U-Net
+    # (the segmentation U-Net frozen, loaded from stage 1's MODEL.WEIGHTS), 0 = both at once (not in the paper).
+    ts.TRAIN_STAGE = 1
+    # Instances at inference: "watershed" (the paper: distance-map markers, watershed in the stage-1 foreground) or
+    # "components" (connected components of the stage-1 foreground alone: what a stage-1-only model can do).
+    ts.INFERENCE = "watershed"
+    # Stage-1 loss: BCE_WEIGHT * binary cross-entropy + DICE_WEIGHT * (1 - soft Dice). The paper: 0.5 and 1.
+    ts.BCE_WEIGHT = 0.5
+    ts.DICE_WEIGHT = 1.0
+    # Stage-2 loss: DISTANCE_WEIGHT * mean squared error to the normalised distance map; the distance U-Net's output
+    # is "linear" (the paper) or "sigmoid".
+    ts.DISTANCE_WEIGHT = 1.0
+    ts.DISTANCE_ACTIVATION = "linear"
+    # Foreground: stage-1 probability > THRESHOLD; CONNECTIVITY of its components (1 = 4-, 2 = 8-neighbours).
+    ts.THRESHOLD = 0.5
+    ts.CONNECTIVITY = 1
+    # Gaussian smoothing of the distance map: SIGMA px if > 0, else SIGMA_FACTOR * the equivalent radius
+    # sqrt(mean area / pi) of the stage-1 foreground components of the image (the paper sets sigma from the mean
+    # nucleus size).
+    ts.SIGMA = 0.0
+    ts.SIGMA_FACTOR = 0.5
+    # Markers: local maxima of the smoothed distance at least MIN_DISTANCE px apart (0 = half the equivalent radius)
+    # and above PEAK_THRESHOLD; a foreground component without any gets one at its maximum.
+    ts.MIN_DISTANCE = 0
+    ts.PEAK_THRESHOLD = 0.1
+    # Remove objects smaller than MIN_SIZE px (the paper: 20), fill holes.
+    ts.MIN_SIZE = 20
+    ts.FILL_HOLES = True
+    # Grow every object by DILATE px after the watershed (0 = the paper; e.g. INPUT.ERODE_RADIUS + 1 undoes the
+    # erosion of the stage-1 target).
+    ts.DILATE = 0.0
+
+
+def _add_panoptic_fusion_config(cfg: CN) -> None:
+    """Panoptic Mask R-CNN with semantic feature fusion and the dual-modal mask generator (Liu et al., IJCAI 2019;
+    nuclei_d2/modeling/panoptic_fusion.py, gcn.py, dual_modal_mask_head.py; docs/panoptic_fusion.md)."""
+    pf = cfg.MODEL.PANOPTIC_FUSION = CN()
+    # Auxiliary GCN semantic branch on the shared FPN, trained with L_semseg1 (training only; inference skips it).
+    pf.SEMANTIC_BRANCH = True
+    # Semantic feature fusion in the instance branch: masks pasted over F_0 (from FUSION_IN_FEATURE), L_semseg2.
+    # Needs MODEL.ROI_HEADS.NAME "PanopticFusionROIHeads".
+    pf.FEATURE_FUSION = True
+    # Backbone level F_0 is computed from (1x1 conv to 2 channels, bilinear upsampling to input size).
+    pf.FUSION_IN_FEATURE = "p2"
+    # Training order of the positive proposals' masks when pasting (later ones overwrite): "iou" (ascending IoU with
+    # the matched nucleus: the best-aligned proposal is written last) or "sampled" (Detectron2's random order).
+    pf.PASTE_ORDER = "iou"
+    # Loss weights of L_semseg1 (semantic branch) and L_semseg2 (fused map); the paper sums all losses unweighted.
+    pf.SEM_SEG1_WEIGHT = 1.0
+    pf.SEM_SEG2_WEIGHT = 1.0
+    # Target value of padded pixels (ignored by both semantic losses).
+    pf.IGNORE_VALUE = 255
+    pf.GCN = CN()
+    # FPN levels decoded by the GCN branch (finest first after sorting by stride).
+    pf.GCN.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+    # k of the k x k large-kernel GCN blocks (built from k x 1 and 1 x k convs); the paper uses 5.
+    pf.GCN.KERNEL_SIZE = 5
+    # Channels of the GCN score maps; 2 = straight to class scores as in Peng et al. 2017 (more adds a 1x1 predictor).
+    pf.GCN.CHANNELS = 2
+    dm = cfg.MODEL.ROI_MASK_HEAD.DUAL_MODAL = CN()
+    # Dual-modal mask generator (MODEL.ROI_MASK_HEAD.NAME "DualModalMaskHead"); it also uses ROI_MASK_HEAD.CONV_DIM
+    # (paper 256) for the trunk, conv1, conv3 and the pixel-shuffled map, and ROI_MASK_HEAD.NORM for its 3x3 convs.
+    # 3x3 convs shared by both paths (paper: 3).
+    dm.NUM_SHARED_CONV = 3
+    # Channels of conv2, the FC layer's input (paper: 128).
+    dm.FC_CONV_DIM = 128
+    # Output side / RoI side = pixel-shuffle factor (paper: 2, 14x14 -> 28x28; conv4 has CONV_DIM * UPSCALE^2).
+    dm.UPSCALE = 2
+
+
+def _add_maskrcnn_plus_config(cfg: CN) -> None:
+    """Mask R-CNN+ (Bancher et al., MICCAI COMPAY 2021): five-channel input, distance U-Net, staged schedule
+    (nuclei_d2/modeling/maskrcnn_plus.py, distance_unet.py; nuclei_d2/engine/staged_schedule.py; docs/maskrcnn_plus.md).
+    """
+    mp = cfg.MODEL.MASKRCNN_PLUS = CN()
+    # Learned 1x1 convolution from the 3 + len(INPUT.EXTRA_CHANNELS) normalised input channels to PROJECTION_CHANNELS
+    # (3: a standard, pretrainable backbone). False: the backbone takes the channels directly (with no extra channels
+    # this is the baseline Mask R-CNN).
+    mp.INPUT_PROJECTION = True
+    mp.PROJECTION_CHANNELS = 3
+    # Initial 1x1 weights: "rgb" (identity on R, G, B and 0 for the extra channels: a pretrained backbone starts where
+    # it was) or "random" (PyTorch's default).
+    mp.PROJECTION_INIT = "rgb"
+    # Where the "distance" input channel comes from at inference: "unet" (predicted by the distance U-Net, the paper)
+    # or "input" (used as the mapper/caller gives it). In training it always comes from the ground truth.
+    mp.DISTANCE_SOURCE = "unet"
+    # Config file of the distance U-Net (a DistanceUNet config, e.g. configs/distance_unet.yaml; relative paths are
+    # tried from the working directory, then from the repository) and its trained weights (model_final.pth of a
+    # train_net run of that config). Empty weights: the distance U-Net must come from MODEL.WEIGHTS (a trained
+    # Mask R-CNN+ checkpoint holds it); when set, they win over MODEL.WEIGHTS' distance_unet.* entries.
+    mp.DISTANCE_CONFIG = ""
+    mp.DISTANCE_WEIGHTS = ""
+    # Run inference even though no trained distance U-Net was loaded (tests and timing only: the channel is noise).
+    mp.ALLOW_UNTRAINED_DISTANCE = False
+
+    # ---- the distance U-Net meta-architecture "DistanceUNet" (its network is configured by MODEL.UNET) ------------
+    du = cfg.MODEL.DISTANCE_UNET = CN()
+    # Weight of its mean-squared-error loss on the normalised distance map (INPUT.TARGETS must contain "distance").
+    du.LOSS_WEIGHT = 1.0
+    # Nuclei from the distance map alone (for evaluating the distance U-Net by itself; Mask R-CNN+ uses only the
+    # map): foreground = distance > THRESHOLD, watershed from the local maxima above PEAK_THRESHOLD, objects smaller
+    # than MIN_SIZE px removed.
+    du.THRESHOLD = 0.1
+    du.PEAK_THRESHOLD = 0.3
+    du.MIN_SIZE = 20
+
+    # ---- staged training (Hollandi et al. 2020 scheme; nuclei_d2/engine/staged_schedule.py) -------------------------
+    st = cfg.SOLVER.STAGED = CN()
+    # Switch trainable parameter groups and lr multipliers at stage boundaries (a trainer hook; resumable).
+    st.ENABLED = False
+    # Length of each stage in iterations; the last stage runs until SOLVER.MAX_ITER.
+    st.STAGE_ITERS = [5000, 5000, 5000, 5000]
+    # Per stage, what trains: group aliases ("all", "input", "backbone", "stem", "res2".."res5", "fpn", "rpn",
+    # "roi_heads", "heads" = fpn + rpn + roi_heads) or regular expressions searched in parameter names. Defaults: the
+    # paper's (1) input conv + heads, (2) everything, (3) last backbone stages + heads, (4) heads.
+    st.TRAINABLE = [["input", "heads"], ["all"], ["res4", "res5", "heads"], ["heads"]]
+    # Learning-rate multiplier of each stage, on top of SOLVER.BASE_LR and the LR scheduler (the paper: 2, 1, 0.5, 0.1
+    # with Adam at 1e-4).
+    st.LR_MULTIPLIERS = [2.0, 1.0, 0.5, 0.1]
+
+
+def _add_tta_config(cfg: CN) -> None:
+    """Test-time augmentation, ensembles and instance-level merging (nuclei_d2/inference/tta.py, ensemble.py,
+    merge.py, test_time.py; docs/maskrcnn_plus.md). Used by NucleiTrainer.test (--eval-only) for any model."""
+    # Detectron2 defines TEST.AUG.ENABLED (used here: run the transforms below) and MIN_SIZES / MAX_SIZE / FLIP (for
+    # its own multi-scale TTA, not used by nuclei-d2).
+    # Test-time copies: "identity", "hflip", "vflip", "rot90", "rot180", "rot270", "hue" (shift HUE_DELTA) or
+    # "hue:<delta>", composed with "+" (e.g. "hflip+rot90"). The paper: original, flips and a hue-shifted copy.
+    cfg.TEST.AUG.TRANSFORMS = ["identity", "hflip", "vflip", "hue"]
+    # Hue shift of "hue", as a fraction of the colour circle (0.05 = 18 degrees; the amount is our choice).
+    cfg.TEST.AUG.HUE_DELTA = 0.05
+    e = cfg.TEST.ENSEMBLE = CN()
+    # Further models evaluated with the main one (MODEL.WEIGHTS), e.g. organ-fold models: weights files, and their
+    # config files (none: the main config; one: shared; else one per weights file). A member may take fewer input
+    # channels than the main config provides (they are selected by name).
+    e.WEIGHTS = []
+    e.CONFIGS = []
+    m = cfg.TEST.MERGE = CN()
+    # Two predictions of different members (model x copy) are the same nucleus when their mask IoU >= IOU_THRESHOLD.
+    m.IOU_THRESHOLD = 0.5
+    # Keep a nucleus only if at least MIN_VOTES members predicted it (2 drops singletons; clamped to the number of
+    # members).
+    m.MIN_VOTES = 2
+    # The merged mask: mean of the members' soft masks >= MASK_THRESHOLD; the score is the members' mean score.
+    m.MASK_THRESHOLD = 0.5
+    # Merge the mask probabilities of R-CNN models (False: their binarised masks; other models always give binary).
+    m.SOFT_MASKS = True
+
+
+def _add_brpnet_config(cfg: CN) -> None:
+    """BRP-Net (Chen et al., MICCAI 2020): TAFE, boundary-assisted proposals, proposal-wise refinement
+    (nuclei_d2/modeling/brpnet; docs/brpnet.md)."""
+    b = cfg.MODEL.BRPNET = CN()
+    # Which part trains: 1 = TAFE (targets INPUT.TARGETS "foreground" + "boundary"), 2 = the two refinement networks
+    # (TAFE loaded from STAGE1_WEIGHTS and frozen).
+    b.TRAIN_STAGE = 1
+    # Inference output: "refine" (full BRP-Net) or "proposals" (TAFE + post-processing alone).
+    b.INFERENCE = "refine"
+    # Stage-1 checkpoint (model_final.pth of a stage-1 run) whose tafe.* tensors are loaded when the model is built.
+    b.STAGE1_WEIGHTS = ""
+    # ---- TAFE ------------------------------------------------------------------------------------------------------
+    d = b.DENSENET = CN()
+    # DenseNet-121 (stride-1 stem, no max-pool): growth 32, layers per block 6/12/24/16 (torchvision's; the paper's
+    # supplement text says 6/12/18/24, which gives other channel counts), 64 stem channels, bottleneck 4 x growth.
+    d.GROWTH_RATE = 32
+    d.BLOCK_CONFIG = [6, 12, 24, 16]
+    d.NUM_INIT_FEATURES = 64
+    d.BN_SIZE = 4
+    # torchvision densenet121 state dict to start from (e.g. densenet121-a639ec97.pth; never downloaded); "" = random.
+    b.DENSENET_WEIGHTS = ""
+    # Channels of the lateral 1x1 convs, task-specific encoders and decoders (the paper: 256).
+    b.WIDTH = 256
+    # Feature fusion modules between the semantic and boundary encoders; deep supervision on every encoder level.
+    b.FUSION = True
+    b.DEEP_SUPERVISION = True
+    # Stage-1 loss per output: smooth truncated loss (truncation gamma TRUNCATION) + DICE_WEIGHT x soft Dice;
+    # deep-supervision outputs weighted by DS_WEIGHT.
+    b.TRUNCATION = 0.3
+    b.DICE_WEIGHT = 0.5
+    b.DS_WEIGHT = 1.0
+    # ---- proposals -------------------------------------------------------------------------------------------------
+    # Seeds: semantic - boundary probability > PROPOSAL_THRESHOLD; components (CONNECTIVITY 1 = 4-, 2 = 8-neighbours)
+    # under PROPOSAL_MIN_SIZE px dropped; each grown back by PROPOSAL_DILATION px (the paper's Fig. 5a varies it).
+    b.PROPOSAL_THRESHOLD = 0.5
+    b.PROPOSAL_DILATION = 2.0
+    b.PROPOSAL_MIN_SIZE = 10
+    b.CONNECTIVITY = 1
+    # ---- proposal-wise refinement (stage 2) --------------------------------------------------------------------------
+    # Square crop around each proposal with MARGIN px; crops up to SMALL_SIZE px go to the small net at SMALL_SIZE^2,
+    # larger ones to the large net at LARGE_SIZE^2 (the paper: 12, 48, 176). Inputs zeroed outside the proposal
+    # dilated by MASK_DILATION px.
+    b.MARGIN = 12
+    b.SMALL_SIZE = 48
+    b.LARGE_SIZE = 176
+    b.MASK_DILATION = 2.0
+    # Refinement nets (the paper's Fig. 4): dense blocks with these growth rates, REFINE_LAYERS 3x3 convs each.
+    b.REFINE_GROWTHS = [16, 32, 64, 128]
+    b.REFINE_LAYERS = 4
+    # Training label: the ground-truth nucleus a proposal overlaps with IoU > MATCH_IOU, else all background.
+    b.MATCH_IOU = 0.5
+    # Focal loss (gamma; alpha < 0 = no class weighting).
+    b.FOCAL_GAMMA = 2.0
+    b.FOCAL_ALPHA = -1.0
+    # Random subset of proposals per training image (bounds CPU memory; 0 = all).
+    b.MAX_PROPOSALS_PER_IMAGE = 64
+    # Proposal dilation radii drawn per training image in stage 2 (empty = PROPOSAL_DILATION). Not in the paper.
+    b.TRAIN_DILATIONS = []
+    # Inference: refined probability > REFINE_THRESHOLD (overlaps go to the higher probability), REFINE_BATCH
+    # patches per forward, objects under MIN_SIZE px dropped.
+    b.REFINE_THRESHOLD = 0.5
+    b.REFINE_BATCH = 64
+    b.MIN_SIZE = 10
+    # ---- the paper's schedule (SOLVER.LR_SCHEDULER_NAME "CosineWarmRestarts"; nuclei_d2/modeling/brpnet/schedule.py)
+    wr = cfg.SOLVER.WARM_RESTARTS = CN()
+    # Cosine annealing with warm restarts: first period FIRST_PERIOD iterations, each next PERIOD_MULT times longer,
+    # each restart at PEAK_DECAY x the previous peak (the paper: 40 epochs, 2, 0.5). Floor: SOLVER.BASE_LR_END.
+    wr.FIRST_PERIOD = 1000
+    wr.PERIOD_MULT = 2.0
+    wr.PEAK_DECAY = 0.5
+
+
+def _add_inference_config(cfg: CN) -> None:
+    """Tiled prediction on images and whole slides (nuclei_d2/inference/predictor.py, stitching.py, run.py,
+    tools/predict.py; docs/inference.md). Command-line flags of tools/predict.py override these."""
+    i = cfg.INFERENCE = CN()
+    # Square tile side in pixels (at the analysed level). Images larger than this are predicted tile by tile; memory
+    # follows BATCH_SIZE tiles, not the image. Dense models also tile inside each tile by MODEL.TILING.
+    i.TILE_SIZE = 1024
+    # Pixels shared by neighbouring tiles. A nucleus is kept from the tile that owns its bounding-box centre and must
+    # not touch that tile's inner edges; nuclei up to OVERLAP - 2 px across are then found once and whole.
+    i.OVERLAP = 64
+    # Tiles per forward pass.
+    i.BATCH_SIZE = 2
+    # Drop predictions scoring below this before writing.
+    i.SCORE_THRESHOLD = 0.0
+    # If > 0, also remove near-duplicates across tiles (mask IoU >= DEDUPE_IOU, lower score dropped); only in
+    # Predictor.predict (in-memory results), not in the streaming writers.
+    i.DEDUPE_IOU = 0.0
+    # tqdm progress bar (tiles/s) per image.
+    i.PROGRESS = True
+    # Outputs written by default: any of "geojson" (QuPath), "coco" (COCO results JSON), "labels" (label map),
+    # "csv" (per-nucleus measurements), "overlay" (PNG).
+    i.OUTPUTS = ["geojson", "csv"]

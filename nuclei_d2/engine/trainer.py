@@ -80,7 +80,9 @@ class NucleiTrainer(DefaultTrainer):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        # SOLVER.STAGED freezes parameter groups after DDP is built: DDP must then tolerate parameters without grads.
+        model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=bool(cfg.SOLVER.STAGED.ENABLED),
+                                 **({"device_ids": None} if on_cpu else {}))
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
@@ -102,6 +104,15 @@ class NucleiTrainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """Detectron2's schedulers, plus BRP-Net's cosine annealing with warm restarts ("CosineWarmRestarts")."""
+        from ..modeling.brpnet.schedule import SCHEDULER_NAME, build_brpnet_lr_scheduler
+
+        if cfg.SOLVER.LR_SCHEDULER_NAME == SCHEDULER_NAME:
+            return build_brpnet_lr_scheduler(cfg, optimizer)
+        return super().build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
     def build_evaluator(cls, cfg, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "nuclei")
         if evaluator_type not in ("nuclei", "coco"):
@@ -109,8 +120,21 @@ class NucleiTrainer(DefaultTrainer):
                              "NucleiTrainer evaluates nuclei datasets only")
         return build_nuclei_evaluators(cfg, dataset_name, output_folder)
 
+    def build_hooks(self):
+        # SOLVER.STAGED (Mask R-CNN+ four-stage schedule): switch trainable groups / lr multipliers by iteration.
+        from .staged_schedule import build_staged_schedule_hook
+
+        hooks = super().build_hooks()
+        staged = build_staged_schedule_hook(self.cfg)
+        if staged is not None:
+            hooks.insert(1, staged)  # after the iteration timer, before LR scheduling, checkpoints and writers
+        return hooks
+
     @classmethod
     def test(cls, cfg, model, evaluators=None) -> OrderedDict[str, Any]:
+        from ..inference.test_time import build_test_time_wrapper
+
+        model = build_test_time_wrapper(cfg, model)  # TEST.AUG / TEST.ENSEMBLE; the model itself when both are off
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
             from detectron2.utils.file_io import PathManager

@@ -1,1 +1,17 @@
-"""Meta-architectures, heads and backbones, registered in Detectron2's registries on import."""
+"""Meta-architectures, heads and backbones, registered in Detectron2's registries on import.
+
+- ``maskrcnn_plus`` / ``distance_unet``: Mask R-CNN+ (five-channel input) and its distance U-Net
+- ``panoptic_fusion`` / ``gcn`` / ``dual_modal_mask_head``: panoptic semantic-fusion Mask R-CNN (Liu et al. 2019)
+- ``brpnet``: BRP-Net (Chen et al. 2020)
+- ``dense``: nucleus-boundary U-Net (Cui et al. 2019) and two-stage U-Net (Mahbod et al. 2019)
+"""
+
+from . import (  # noqa: F401  (importing registers)
+    brpnet,
+    distance_unet,
+    dual_modal_mask_head,
+    gcn,
+    maskrcnn_plus,
+    panoptic_fusion,
+)
+from .dense import NucleusBoundaryUNet, TwoStageUNet  # noqa: F401  (also registers build_unet_backbone)
