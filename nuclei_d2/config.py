@@ -90,6 +90,9 @@ def _add_augment_and_target_config(cfg: CN) -> None:
     # augmented RGB), "distance" (normalised per-nucleus distance map of the ground truth in training; zeros at
     # inference, where the model must predict it).
     cfg.INPUT.EXTRA_CHANNELS = []
+    # Oracle for studies only: fill the "distance" channel from the ground truth at inference too (what a perfect
+    # distance U-Net would give; use with MODEL.MASKRCNN_PLUS.DISTANCE_SOURCE "input"). Never for real predictions.
+    cfg.INPUT.DISTANCE_FROM_GT_AT_TEST = False
     # Dense targets emitted under dataset_dict["targets"] (name -> tensor) whenever a label map is available: any of
     # "foreground", "ternary", "boundary", "distance", "distance_raw", "eroded", "edge_weight".
     cfg.INPUT.TARGETS = []
@@ -201,6 +204,21 @@ def _add_unet_config(cfg: CN) -> None:
     # Refuse (with a clear error) to build Instances whose N x H x W boolean pred_masks would exceed this many GiB
     # (thousands of nuclei on a large region); model.predict_probs + model.postprocess work on label maps instead.
     d.MAX_MASK_GB = 8.0
+
+    # ---- the classical floor: deconvolution + Otsu + distance watershed (nuclei_d2/modeling/classical_watershed.py) --
+    c = cfg.MODEL.CLASSICAL = CN()
+    # Foreground = smoothed haematoxylin > THRESHOLD_SCALE x its per-image Otsu threshold (tuned).
+    c.THRESHOLD_SCALE = 1.0
+    # Smoothing of the distance transform seeding the watershed, as a fraction of the mean nucleus radius (tuned).
+    c.SIGMA_FACTOR = 0.5
+    # Objects smaller than this (px) are removed (tuned).
+    c.MIN_SIZE = 30
+    # Gaussian sigma (px) applied to the haematoxylin channel before thresholding.
+    c.SMOOTHING = 1.0
+    # Minimum distance (px) between watershed markers; 0 = half the mean nucleus radius.
+    c.MIN_DISTANCE = 0
+    # 1 = 4-neighbour, 2 = 8-neighbour connectivity for components and the watershed.
+    c.CONNECTIVITY = 1
 
     # ---- nucleus-boundary model, Cui et al. 2019 (nuclei_d2/modeling/nb_unet.py) -----------------------------------
     nb = cfg.MODEL.NB = CN()

@@ -209,6 +209,23 @@ def foreground_components(foreground_prob: np.ndarray, threshold: float = 0.5, c
     return label
 
 
+def _first_maximum_per_label(values: np.ndarray, label: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Flat index of the maximum of ``values`` in each label of ``which`` (sorted; first in raster order on ties).
+
+    What ``ndimage.maximum_position`` gives (up to ties), sorting only the pixels of the wanted labels (scipy sorts
+    the whole image: 0.15 s per 1000x1000 map).
+    """
+    wanted = np.zeros(int(label.max()) + 1, dtype=bool)
+    wanted[which] = True
+    idx = np.flatnonzero(wanted[label.ravel()])
+    lab = label.ravel()[idx]
+    order = np.lexsort((-values.ravel()[idx], lab))  # by label, then decreasing value; stable: raster order on ties
+    lab_sorted = lab[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = lab_sorted[1:] != lab_sorted[:-1]
+    return idx[order[first]]
+
+
 def distance_watershed(foreground_prob: np.ndarray, distance: np.ndarray, threshold: float = 0.5,
                        sigma: float = 0.0, sigma_factor: float = 0.5, min_distance: int = 0,
                        peak_threshold: float = 0.1, min_size: int = 20, fill: bool = True, dilate: float = 0.0,
@@ -255,8 +272,8 @@ def distance_watershed(foreground_prob: np.ndarray, distance: np.ndarray, thresh
         has[comps[peaks[:, 0], peaks[:, 1]]] = True
     missing = np.nonzero(~has[1:])[0] + 1
     if missing.size:
-        pos = np.asarray(ndimage.maximum_position(smooth, comps, missing), dtype=np.int64).reshape(-1, 2)
-        markers[pos[:, 0], pos[:, 1]] = np.arange(len(peaks) + 1, len(peaks) + 1 + len(missing), dtype=np.int32)
+        flat = _first_maximum_per_label(smooth, comps, missing)
+        markers.ravel()[flat] = np.arange(len(peaks) + 1, len(peaks) + 1 + len(missing), dtype=np.int32)
     label = watershed(-smooth, markers, mask=fg, connectivity=connectivity).astype(np.int32, copy=False)
     label = remove_small_objects(label, min_size)
     if fill:

@@ -233,3 +233,20 @@ def test_post_processing_recovers_real_nuclei_from_their_targets(shared_data, ti
     m2 = compute_metrics(gt, distance_watershed(eroded_foreground(gt, 1).astype(np.float32), distance_map(gt),
                                                 dilate=2), hausdorff=False)
     assert m2["AJI"] > m["AJI"]  # growing back the eroded rim helps
+
+
+def test_first_maximum_per_label_agrees_with_scipy():
+    from scipy import ndimage
+
+    from nuclei_d2.postprocess import _first_maximum_per_label
+
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        comps, n = ndimage.label(ndimage.binary_opening(rng.random((120, 150)) > 0.5))
+        values = rng.random(comps.shape).astype(np.float32)  # continuous: no ties
+        which = np.sort(rng.choice(np.arange(1, n + 1), size=max(1, n // 3), replace=False))
+        expected = np.ravel_multi_index(np.asarray(ndimage.maximum_position(values, comps, which)).T, comps.shape)
+        np.testing.assert_array_equal(_first_maximum_per_label(values, comps, which), expected)
+    ties = np.zeros((3, 4), np.float32)
+    label = np.array([[1, 1, 0, 2], [1, 1, 0, 2], [0, 0, 0, 2]])
+    np.testing.assert_array_equal(_first_maximum_per_label(ties, label, np.array([1, 2])), [0, 3])

@@ -16,7 +16,10 @@ from detectron2.config import CfgNode, get_cfg
 
 from ..config import add_nuclei_config
 
-__all__ = ["ConfigError", "build_cfg", "check_datasets", "check_weights", "setup_cfg"]
+#: Meta-architectures without weights (evaluated only).
+UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
+
+__all__ = ["UNTRAINABLE_ARCHITECTURES", "ConfigError", "build_cfg", "check_datasets", "check_weights", "setup_cfg"]
 
 
 class ConfigError(ValueError):
@@ -136,6 +139,9 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
     _fall_back_to_cpu(cfg)
     check_weights(cfg.MODEL.WEIGHTS, resume=resume, output_dir=cfg.OUTPUT_DIR)
     if not eval_only:
+        if cfg.MODEL.META_ARCHITECTURE in UNTRAINABLE_ARCHITECTURES:
+            raise ConfigError(f"{cfg.MODEL.META_ARCHITECTURE} has nothing to train: run it with --eval-only "
+                              "(and tune its parameters with tools/tune_classical.py)")
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
     if freeze:

@@ -3,11 +3,13 @@
 - ``maskrcnn_plus`` / ``distance_unet``: Mask R-CNN+ (five-channel input) and its distance U-Net
 - ``panoptic_fusion`` / ``gcn`` / ``dual_modal_mask_head``: panoptic semantic-fusion Mask R-CNN (Liu et al. 2019)
 - ``brpnet``: BRP-Net (Chen et al. 2020)
+- ``classical_watershed``: the no-training floor (deconvolution, Otsu, distance watershed)
 - ``dense``: nucleus-boundary U-Net (Cui et al. 2019) and two-stage U-Net (Mahbod et al. 2019)
 """
 
 from . import (  # noqa: F401  (importing registers)
     brpnet,
+    classical_watershed,
     distance_unet,
     dual_modal_mask_head,
     gcn,

@@ -1,0 +1,182 @@
+"""The classical floor: colour deconvolution, Otsu threshold, distance-transform watershed. No learning.
+
+Every comparison table should show what a method gains over a pipeline that needs no training at all (issue 10).
+The pipeline, :func:`classical_watershed`, is a plain function on an RGB array:
+
+1. haematoxylin intensity by Ruifrok & Johnston colour deconvolution
+   (:func:`nuclei_d2.stain.hematoxylin_channel`), smoothed by a Gaussian of ``smoothing`` px;
+2. foreground = haematoxylin above ``threshold_scale`` x its Otsu threshold (per image), holes filled, objects under
+   ``min_size`` px removed;
+3. the Euclidean distance transform of the foreground, Gaussian-smoothed by ``sigma_factor`` x the mean nucleus
+   radius, seeds a marker-controlled watershed inside the foreground
+   (:func:`nuclei_d2.postprocess.distance_watershed`, shared with the two-stage U-Net).
+
+Three parameters are tuned on a training split (``threshold_scale``, ``sigma_factor``, ``min_size``:
+``tools/tune_classical.py``, :mod:`nuclei_d2.engine.tune_classical`); everything else is fixed.
+
+:class:`ClassicalWatershed` wraps it as a Detectron2 meta-architecture (``MODEL.META_ARCHITECTURE:
+ClassicalWatershed``, ``configs/classical_watershed.yaml``) that returns the project's model contract
+(``{"instances", "label_map"}``), so the evaluators, TTA, tiling and ``tools/predict.py`` apply unchanged. It has no
+parameters: evaluate it with ``tools/train_net.py --eval-only``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from scipy import ndimage
+from torch import nn
+
+from ..postprocess import distance_watershed
+from ..stain.deconvolution import hematoxylin_channel
+from ..structures import label_map_to_instances, label_values, relabel_sequential
+
+__all__ = ["ClassicalParams", "ClassicalWatershed", "classical_watershed", "hematoxylin_foreground", "otsu_threshold"]
+
+
+@dataclass(frozen=True)
+class ClassicalParams:
+    """The parameters of :func:`classical_watershed` (``MODEL.CLASSICAL.*``)."""
+
+    threshold_scale: float = 1.0
+    sigma_factor: float = 0.5
+    min_size: int = 30
+    smoothing: float = 1.0
+    min_distance: int = 0
+    connectivity: int = 1
+
+    def __post_init__(self) -> None:
+        if self.threshold_scale <= 0:
+            raise ValueError(f"threshold_scale must be > 0, got {self.threshold_scale}")
+        if self.sigma_factor < 0 or self.smoothing < 0:
+            raise ValueError(f"sigma_factor and smoothing must be >= 0, got {self.sigma_factor}, {self.smoothing}")
+        if self.min_size < 0 or self.min_distance < 0:
+            raise ValueError(f"min_size and min_distance must be >= 0, got {self.min_size}, {self.min_distance}")
+        if self.connectivity not in (1, 2):
+            raise ValueError(f"connectivity must be 1 (4-neighbours) or 2 (8-neighbours), got {self.connectivity}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ClassicalParams:
+        c = cfg.MODEL.CLASSICAL
+        return cls(threshold_scale=float(c.THRESHOLD_SCALE), sigma_factor=float(c.SIGMA_FACTOR),
+                   min_size=int(c.MIN_SIZE), smoothing=float(c.SMOOTHING), min_distance=int(c.MIN_DISTANCE),
+                   connectivity=int(c.CONNECTIVITY))
+
+    def to_config_opts(self) -> list[str]:
+        """``KEY VALUE`` overrides that set these parameters (for ``tools/train_net.py`` and config files)."""
+        return [item for k, v in asdict(self).items() for item in (f"MODEL.CLASSICAL.{k.upper()}", str(v))]
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (any shape, float): the cut maximising the between-class variance.
+
+    Returns ``inf`` for an empty or constant input (nothing is above it: an image without contrast has no nuclei).
+    """
+    from skimage.filters import threshold_otsu
+
+    v = np.asarray(values, dtype=np.float32).ravel()
+    if v.size == 0 or float(v.max()) - float(v.min()) < 1e-12:
+        return float("inf")
+    return float(threshold_otsu(v, nbins=bins))
+
+
+def hematoxylin_foreground(image: np.ndarray, threshold_scale: float = 1.0, smoothing: float = 1.0,
+                           stains: np.ndarray | None = None) -> np.ndarray:
+    """Boolean nucleus foreground: smoothed haematoxylin above ``threshold_scale`` x its Otsu threshold."""
+    h = hematoxylin_channel(image, stains)
+    if smoothing > 0:
+        h = ndimage.gaussian_filter(h, float(smoothing))
+    return h > threshold_scale * otsu_threshold(h)
+
+
+def classical_watershed(image: np.ndarray, params: ClassicalParams | None = None, *,
+                        foreground: np.ndarray | None = None) -> np.ndarray:
+    """Int32 label map (1..N) of the nuclei of an ``H x W x 3`` uint8 H&E image; see the module docstring.
+
+    Args:
+        image: RGB, uint8.
+        params: the pipeline's parameters (defaults: :class:`ClassicalParams`).
+        foreground: a precomputed :func:`hematoxylin_foreground` (the tuner reuses it across the other parameters).
+    """
+    p = params or ClassicalParams()
+    if foreground is None:
+        foreground = hematoxylin_foreground(image, p.threshold_scale, p.smoothing)
+    fg = ndimage.binary_fill_holes(foreground)  # filled once here, so the watershed's regions need no filling
+    if not fg.any():
+        return np.zeros(fg.shape, dtype=np.int32)
+    dist = ndimage.distance_transform_edt(fg).astype(np.float32)
+    return distance_watershed(fg.astype(np.float32), dist, threshold=0.5, sigma_factor=p.sigma_factor,
+                              min_distance=p.min_distance, peak_threshold=0.5, min_size=p.min_size, fill=False,
+                              connectivity=p.connectivity)
+
+
+@META_ARCH_REGISTRY.register()
+class ClassicalWatershed(nn.Module):
+    """``MODEL.META_ARCHITECTURE: ClassicalWatershed``: the no-training baseline as a model (module docstring)."""
+
+    @configurable
+    def __init__(self, *, params: ClassicalParams, max_mask_gb: float = 8.0):
+        super().__init__()
+        self.params = params
+        self.max_mask_gb = float(max_mask_gb)
+        # No parameters; a buffer so that ``.to(device)`` and ``model.device`` work like for the other models.
+        self.register_buffer("_device_tracker", torch.zeros(0), False)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> dict[str, Any]:
+        if len(cfg.INPUT.EXTRA_CHANNELS):
+            raise ValueError("ClassicalWatershed works on RGB only; set INPUT.EXTRA_CHANNELS [] (now "
+                             f"{list(cfg.INPUT.EXTRA_CHANNELS)})")
+        return {"params": ClassicalParams.from_config(cfg), "max_mask_gb": float(cfg.MODEL.DENSE.MAX_MASK_GB)}
+
+    @property
+    def device(self) -> torch.device:
+        return self._device_tracker.device
+
+    def forward(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.training:
+            raise RuntimeError("ClassicalWatershed has nothing to train: evaluate it with tools/train_net.py "
+                               "--eval-only, and tune its parameters with tools/tune_classical.py")
+        return self.inference(batched_inputs)
+
+    def predict_label_map(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(label map, scores)`` of an ``H x W x 3`` uint8 RGB image; scores = mean foreground confidence proxy
+        (the nucleus's mean haematoxylin intensity, in [0, 1]), so COCO-style ranking has something to sort by."""
+        label = classical_watershed(image, self.params)
+        n = int(label.max())
+        if n == 0:
+            return label, np.zeros(0, dtype=np.float32)
+        h = hematoxylin_channel(image)
+        scores = ndimage.mean(h, label, np.arange(1, n + 1))
+        return label, np.clip(np.asarray(scores, dtype=np.float32), 0.0, 1.0)
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        results = []
+        for i, inp in enumerate(batched_inputs):
+            image = inp["image"]
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"ClassicalWatershed: expected a 3 x H x W RGB image for "
+                                 f"{inp.get('file_name', 'input ' + str(i))}, got shape {tuple(image.shape)}")
+            rgb = image.detach().to("cpu").permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy()
+            label, scores = self.predict_label_map(np.ascontiguousarray(rgb))
+            height, width = int(inp.get("height", label.shape[0])), int(inp.get("width", label.shape[1]))
+            if (height, width) != label.shape:  # the mapper resized the image: back to the original, nearest
+                zoom = (height / label.shape[0], width / label.shape[1])
+                label = ndimage.zoom(label, zoom, order=0)[:height, :width].astype(np.int32)
+                present = label_values(label)
+                scores = scores[present - 1]
+                label = relabel_sequential(label)
+            need = float(label.max()) * label.size / 2**30
+            if need > self.max_mask_gb:
+                raise MemoryError(f"{int(label.max())} nuclei on a {label.shape[0]}x{label.shape[1]} image need "
+                                  f"{need:.1f} GiB of pred_masks (limit MODEL.DENSE.MAX_MASK_GB {self.max_mask_gb:g}); "
+                                  "call classical_watershed() on the array for images this large")
+            results.append({"instances": label_map_to_instances(label, scores),
+                            "label_map": torch.from_numpy(label)})
+        return results
