@@ -85,6 +85,17 @@ def test_inference_distance_channel_is_zero_and_bgr(tile, caplog):
     assert plain["image"].shape == (5, 96, 96) and "targets" not in plain
 
 
+def test_oracle_distance_at_inference_comes_from_the_ground_truth(tile):
+    d, _, label = tile
+    mapper = NucleiDatasetMapper(False, augmentations=[], extra_channels=["distance"], distance_from_gt_at_test=True)
+    out = mapper(d)
+    np.testing.assert_allclose(out["image"][3].numpy(), distance_map(label) * 255.0, rtol=1e-5, atol=1e-3)
+    assert out["image"][3].max() > 200  # nucleus centres
+    # No ground truth: zeros, as without the oracle.
+    plain = mapper({k: v for k, v in d.items() if k != "annotations"})
+    assert not plain["image"][3].any()
+
+
 def test_unknown_names_are_rejected():
     with pytest.raises(ValueError, match="EXTRA_CHANNELS.*'eosin'"):
         NucleiDatasetMapper(True, augmentations=[], extra_channels=["eosin"])

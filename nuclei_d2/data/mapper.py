@@ -68,7 +68,7 @@ class NucleiDatasetMapper:
     def __init__(self, is_train: bool, *, augmentations: list[T.Augmentation | T.Transform],
                  image_format: str = "RGB", filter_empty: bool = True, keep_gt: bool = False,
                  extra_channels: list[str] | tuple[str, ...] = (), targets: list[str] | tuple[str, ...] = (),
-                 target_params: dict[str, Any] | None = None):
+                 target_params: dict[str, Any] | None = None, distance_from_gt_at_test: bool = False):
         """
         Args:
             is_train: training mode: annotations become ``instances``; images without nuclei are skipped when
@@ -83,6 +83,8 @@ class NucleiDatasetMapper:
             targets: dense targets (:data:`nuclei_d2.data.targets.TARGET_NAMES`) put under ``"targets"`` (name ->
                 tensor: uint8 class maps, float32 distances/weights) whenever a label map is available.
             target_params: keyword parameters of :func:`nuclei_d2.data.targets.build_targets` (boundary_width, ...).
+            distance_from_gt_at_test: at inference too, fill the ``"distance"`` channel from the ground truth when
+                there is one (an oracle, to measure what a perfect distance U-Net would give; never for real use).
         """
         from .targets import TARGET_NAMES
 
@@ -96,6 +98,7 @@ class NucleiDatasetMapper:
         self.targets = tuple(targets)
         self.target_params = dict(target_params or {})
         self._warned_distance = False
+        self.distance_from_gt_at_test = bool(distance_from_gt_at_test)
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR for nuclei images, got {image_format!r}")
         self.is_train = is_train
@@ -117,6 +120,7 @@ class NucleiDatasetMapper:
             "targets": list(cfg.INPUT.TARGETS),
             "target_params": {"boundary_width": cfg.INPUT.BOUNDARY_WIDTH, "erode_radius": cfg.INPUT.ERODE_RADIUS,
                               "border_is_contour": cfg.INPUT.BORDER_IS_CONTOUR},
+            "distance_from_gt_at_test": cfg.INPUT.DISTANCE_FROM_GT_AT_TEST,
         }
 
     def _load_label_map(self, dataset_dict: dict[str, Any], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,7 +147,8 @@ class NucleiDatasetMapper:
             raise ValueError(f"{dataset_dict.get('file_name', '<image>')}: image is {h}x{w} but the dataset says "
                              f"{dataset_dict.get('height')}x{dataset_dict.get('width')}")
         has_gt = "annotations" in dataset_dict or "label_file" in dataset_dict
-        want_gt = has_gt and (self.is_train or self.keep_gt)
+        oracle = self.distance_from_gt_at_test and "distance" in self.extra_channels
+        want_gt = has_gt and (self.is_train or self.keep_gt or oracle)
         label, classes = self._load_label_map(dataset_dict, (h, w)) if want_gt else (None, None)
 
         aug_input = T.AugInput(image, sem_seg=label)
@@ -183,7 +188,7 @@ class NucleiDatasetMapper:
                 u8 = rgb if rgb.dtype == np.uint8 else np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
                 out[:, :, i] = hematoxylin_channel(np.ascontiguousarray(u8[:, :, :3])) * 255.0
             elif name == "distance":
-                if self.is_train and label is not None:
+                if label is not None and (self.is_train or self.distance_from_gt_at_test):
                     from .targets import distance_map
 
                     out[:, :, i] = distance_map(
