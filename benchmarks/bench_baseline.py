@@ -1,10 +1,17 @@
 #!/usr/bin/env python
-"""CPU cost of the baseline Mask R-CNN: seconds per training iteration and per 1000x1000 inference.
+"""CPU throughput: seconds per training iteration and per 1000x1000 inference, as ratios against stock R50-FPN.
 
-Run by hand (not a test):  python benchmarks/bench_baseline.py [--iters 5] [--threads 2]
-Prints a table; the tiny config is measured in the same run and reported as a ratio, since machines are noisy.
-Training uses the synthetic tiles (256x256 crops, 2 per batch, as in configs/Base-Nuclei-RCNN-FPN.yaml); inference a
-synthetic 1000x1000 tile with ~750 nuclei.
+Run by hand (not a test):
+
+    python benchmarks/bench_baseline.py [--iters 5] [--threads 2]
+    python benchmarks/bench_baseline.py --configs maskrcnn_baseline.yaml nb_unet-tiny.yaml maskrcnn_plus-tiny.yaml
+
+Prints a table; every config is measured in the same run as the first one (stock Mask R-CNN R50-FPN by default) and
+reported as a ratio to it, since machines are noisy. Every config trains on the same data: 2 crops of 256x256 per
+iteration from 512x512 synthetic tiles (``SOLVER.IMS_PER_BATCH 2``, ``INPUT.CROP.SIZE`` and
+``INPUT.NUCLEI.CROP_SIZE`` 256), so the ratio compares models, not batch sizes; inference runs on a synthetic
+1000x1000 tile with ~750 nuclei through :class:`~nuclei_d2.inference.NucleiPredictor` (tiling as configured).
+Models that need a trained companion network (Mask R-CNN+'s distance U-Net) run with it untrained (same cost).
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5, help="timed training iterations per config")
     p.add_argument("--repeats", type=int, default=3, help="timed inference runs per config")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--configs", nargs="+", default=["maskrcnn_baseline.yaml", "maskrcnn_baseline-tiny.yaml"],
+                   help="config files (in configs/ or paths); the first is the baseline of the ratios")
     p.add_argument("--detections", type=int, default=750,
                    help="TEST.DETECTIONS_PER_IMAGE: random-init models fill any cap, so set it to a realistic count")
     args = p.parse_args()
@@ -80,18 +89,23 @@ def main() -> None:
     image, label = make_synthetic_tile(1000, 123)
     rows = []
     base = None
-    for name in ("maskrcnn_baseline.yaml", "maskrcnn_baseline-tiny.yaml"):
-        # Same data for both: 256x256 crops of 512x512 synthetic tiles.
-        cfg = setup_cfg(str(CONFIGS / name), ["MODEL.DEVICE", "cpu", "INPUT.CROP.SIZE", "[256, 256]",
-                                              "DATASETS.SYNTHETIC.IMAGE_SIZE", "512",
-                                              "DATASETS.SYNTHETIC.NUM_TRAIN", "4",
-                                              "TEST.DETECTIONS_PER_IMAGE", str(args.detections)])
+    for name in args.configs:
+        # Same data for all: 2 crops of 256x256 from 512x512 synthetic tiles.
+        path = name if os.path.isfile(name) else str(CONFIGS / name)
+        opts = ["MODEL.DEVICE", "cpu", "INPUT.CROP.SIZE", "[256, 256]", "INPUT.NUCLEI.CROP_SIZE", "256",
+                "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TRAIN", "('nuclei_synth_train',)",
+                "DATASETS.TEST", "('nuclei_synth_test',)", "DATASETS.SYNTHETIC.IMAGE_SIZE", "512",
+                "DATASETS.SYNTHETIC.NUM_TRAIN", "4", "TEST.DETECTIONS_PER_IMAGE", str(args.detections),
+                "MODEL.WEIGHTS", ""]
+        if "maskrcnn_plus" in Path(path).name:
+            opts += ["MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True"]
+        cfg = setup_cfg(path, opts)
         train_s = time_training(cfg, args.iters)
         infer_s, n = time_inference(cfg, image, args.repeats)
         if base is None:
             base = (train_s, infer_s)
-        rows.append([name, f"{train_s:.2f}", f"{base[0] / train_s:.2f}x", f"{infer_s:.2f}", f"{base[1] / infer_s:.2f}x",
-                     n])
+        rows.append([Path(name).name, f"{train_s:.2f}", f"{base[0] / train_s:.2f}x", f"{infer_s:.2f}",
+                     f"{base[1] / infer_s:.2f}x", n])
     load = os.getloadavg()[0]
     print(f"\nCPU threads: {args.threads}; torch {torch.__version__}; load average {load:.1f}; 1000x1000 tile with "
           f"{label.max()} nuclei; detections capped at {args.detections} (random-init models fill the cap)\n")
