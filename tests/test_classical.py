@@ -92,8 +92,8 @@ def test_synthetic_tile_is_segmented_far_better_than_chance():
 def test_meta_arch_returns_the_model_contract_and_refuses_to_train():
     from detectron2.modeling import build_model
 
-    cfg = setup_cfg(CONFIG, ["MODEL.DEVICE", "cpu", "MODEL.CLASSICAL.SMOOTHING", "0.0", "MODEL.CLASSICAL.MIN_SIZE", "10"],
-                    eval_only=True)
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.CLASSICAL.SMOOTHING", "0.0", "MODEL.CLASSICAL.MIN_SIZE", "10"]
+    cfg = setup_cfg(CONFIG, opts, eval_only=True)
     model = build_model(cfg).eval()
     assert isinstance(model, ClassicalWatershed) and not list(model.parameters())
     gt = np.zeros((80, 100), np.int32)
