@@ -11,7 +11,8 @@ reported as a ratio to it, since machines are noisy. Every config trains on the 
 iteration from 512x512 synthetic tiles (``SOLVER.IMS_PER_BATCH 2``, ``INPUT.CROP.SIZE`` and
 ``INPUT.NUCLEI.CROP_SIZE`` 256), so the ratio compares models, not batch sizes; inference runs on a synthetic
 1000x1000 tile with ~750 nuclei through :class:`~nuclei_d2.inference.NucleiPredictor` (tiling as configured).
-Models that need a trained companion network (Mask R-CNN+'s distance U-Net) run with it untrained (same cost).
+Models that need a trained companion network (Mask R-CNN+'s distance U-Net, BRP-Net stage 2's TAFE) run with it
+untrained (same cost).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def main() -> None:
                 "MODEL.WEIGHTS", ""]
         if "maskrcnn_plus" in Path(path).name:
             opts += ["MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True"]
+        if Path(path).name.startswith("brpnet_stage2"):
+            opts += ["MODEL.BRPNET.STAGE1_WEIGHTS", ""]  # a random TAFE costs the same as a trained one
         cfg = setup_cfg(path, opts)
         train_s = time_training(cfg, args.iters)
         infer_s, n = time_inference(cfg, image, args.repeats)

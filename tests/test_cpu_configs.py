@@ -21,7 +21,9 @@ SYNTH = ["DATASETS.TRAIN", "('nuclei_synth_train',)", "DATASETS.TEST", "('nuclei
 
 
 def test_there_are_cpu_configs():
-    assert {"maskrcnn_baseline-cpu.yaml", "maskrcnn_plus-cpu.yaml"} <= set(CPU_CONFIGS)
+    assert {"maskrcnn_baseline-cpu.yaml", "maskrcnn_plus-cpu.yaml", "brpnet-cpu.yaml", "brpnet_stage2-cpu.yaml",
+            "nb_unet-cpu.yaml", "panoptic_fusion-cpu.yaml", "two_stage_unet-cpu.yaml",
+            "two_stage_unet_stage2-cpu.yaml"} <= set(CPU_CONFIGS)
 
 
 @pytest.mark.parametrize("name", CPU_CONFIGS)
@@ -30,7 +32,10 @@ def test_cpu_config_trains_a_step_and_predicts(name):
     from nuclei_d2.engine import build_cfg
 
     assert build_cfg(str(CONFIGS / name)).DATASETS.TRAIN == ("kumar_train",)  # they target the Kumar split
-    cfg = tiny_cfg(name, *SYNTH)
+    # stage-2 configs load their stage-1 model from a path; here the stage-1 part stays randomly initialised
+    stage1 = {"brpnet_stage2-cpu.yaml": ["MODEL.BRPNET.STAGE1_WEIGHTS", ""],
+              "two_stage_unet_stage2-cpu.yaml": ["MODEL.WEIGHTS", ""]}.get(name, [])
+    cfg = tiny_cfg(name, *SYNTH, *stage1)
     model = build_model(cfg)
     mapper = NucleiDatasetMapper(cfg, is_train=True)
     batch = [b for b in (mapper(d) for d in DatasetCatalog.get("nuclei_synth_train")[:3]) if b is not None][:2]
