@@ -79,3 +79,17 @@ def test_unregistered_dataset_lists_close_names():
     with pytest.raises(ConfigError, match=r"'nuclei_synth_trian' is not registered.*Did you mean nuclei_synth_train"):
         check_datasets(["nuclei_synth_trian"], "DATASETS.TRAIN")
     check_datasets(["nuclei_synth_train"], "DATASETS.TRAIN")
+
+
+@pytest.mark.parametrize(("steps", "message"), [("(20,)", r"contains SOLVER.MAX_ITER \(20\)"),
+                                                ("(15, 10)", "must increase")])
+def test_bad_lr_steps_are_named_before_training(steps, message):
+    from nuclei_d2.engine import setup_cfg
+
+    opts = ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "20", "SOLVER.STEPS", steps]
+    with pytest.raises(ConfigError, match=message):
+        setup_cfg(str(CONFIGS / "maskrcnn_baseline-tiny.yaml"), opts)
+    # evaluation does not build a scheduler; steps past MAX_ITER are dropped by Detectron2 (a warning), not an error
+    setup_cfg(str(CONFIGS / "maskrcnn_baseline-tiny.yaml"), opts, eval_only=True)
+    setup_cfg(str(CONFIGS / "maskrcnn_baseline-tiny.yaml"), ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "20",
+                                                             "SOLVER.STEPS", "(10, 30)"])

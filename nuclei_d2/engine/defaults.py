@@ -113,6 +113,19 @@ def check_datasets(names: Iterable[str], what: str) -> None:
             )
 
 
+def check_schedule(cfg: CfgNode) -> None:
+    """Raise ConfigError for SOLVER.STEPS that fvcore would reject with a message naming neither key."""
+    if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupMultiStepLR":
+        return
+    steps, max_iter = list(cfg.SOLVER.STEPS), cfg.SOLVER.MAX_ITER
+    kept = [s for s in steps if s <= max_iter]  # Detectron2 drops later steps (with a warning)
+    if any(b <= a for a, b in zip(kept, kept[1:], strict=False)):
+        raise ConfigError(f"SOLVER.STEPS must increase, got {tuple(steps)}")
+    if max_iter in kept:
+        raise ConfigError(f"SOLVER.STEPS {tuple(steps)} contains SOLVER.MAX_ITER ({max_iter}): a step must come "
+                          f"before the last iteration (e.g. SOLVER.STEPS \"({int(max_iter * 0.8)},)\")")
+
+
 def _fall_back_to_cpu(cfg: CfgNode) -> None:
     """Detectron2 defaults to MODEL.DEVICE "cuda"; on a machine without CUDA run on the CPU, and say so."""
     import torch
@@ -143,6 +156,7 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
             raise ConfigError(f"{cfg.MODEL.META_ARCHITECTURE} has nothing to train: run it with --eval-only "
                               "(and tune its parameters with tools/tune_classical.py)")
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_schedule(cfg)
     check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
     if freeze:
         cfg.freeze()
