@@ -107,7 +107,7 @@ def minutes_to_reach(rows: list[dict], key: str, target: float) -> float | None:
     return None
 
 
-def plot(rows: list[dict], floor: dict | None, path: Path, title: str, ylabel: str) -> None:
+def plot(rows: list[dict], floor: dict | None, path: Path, title: str, ylabel: str, threads: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +119,8 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str, ylabel: s
         ax.plot(minutes, [r[key] for r in rows], "o-", color=colour, label=key)
         if floor is not None:
             ax.axhline(floor[key], color=colour, ls="--", lw=1, label=f"classical floor {key} {floor[key]:.3f}")
-    ax.set_xlabel("training minutes (2-core CPU, evaluation excluded)")
+    ax.set_xlabel(f"training minutes ({threads} CPU thread{'s' if threads > 1 else ''}, evaluation excluded)")
+    ax.set_xlim(left=0)
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(0.8, max([r["AJI"] for r in rows] + [0])))
     ax.grid(alpha=0.3)
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                "threads": torch.get_num_threads()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(rows, floor, out / "curve.png", f"{Path(args.config_file).name} {' '.join(args.opts)}"[:90],
-         f"AJI / PQ on {', '.join(cfg.DATASETS.TEST)}")
+         f"AJI / PQ on {', '.join(cfg.DATASETS.TEST)}", threads=torch.get_num_threads())
     from tabulate import tabulate
 
     print(tabulate([[r[c] for c in ("minutes", "iteration", "AJI", "PQ", "Dice1", "AJI-seen", "AJI-unseen",
