@@ -43,3 +43,17 @@ def test_demo_writes_overlay_metrics_and_prints_paths(python, tmp_path):
     assert "segm" in metrics and "nuclei" in metrics
     assert 0.0 <= metrics["nuclei"]["AJI"] <= 1.0
     assert "synthetic" in proc.stdout
+
+
+def test_demo_drops_lr_steps_at_or_past_its_last_iteration():
+    from nuclei_d2.engine.defaults import setup_cfg
+    from nuclei_d2.engine.demo import _steps_within
+
+    config = str(REPO / "configs" / "maskrcnn_baseline-tiny.yaml")  # SOLVER.STEPS (1000,)
+    opts = ["SOLVER.MAX_ITER", "1000"]
+    override = _steps_within(config, opts, 1000)
+    assert override == ["SOLVER.STEPS", "()"]
+    assert setup_cfg(config, override + opts).SOLVER.STEPS == ()  # without the override: refused (step == MAX_ITER)
+    assert _steps_within(config, ["SOLVER.MAX_ITER", "1500"], 1500) == []  # a step inside the run is kept
+    # A user's own SOLVER.STEPS is what gets filtered (and, coming later in the overrides, wins).
+    assert _steps_within(config, ["SOLVER.STEPS", "(100, 2000)"], 1000) == ["SOLVER.STEPS", "(100,)"]

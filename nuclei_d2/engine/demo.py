@@ -13,12 +13,23 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.io import read_image_rgb, read_label_map, write_label_map
 from ..structures import annotations_to_label_map, instances_to_label_map
-from .defaults import setup_cfg
+from .defaults import build_cfg, setup_cfg
 from .trainer import NucleiTrainer
 
 __all__ = ["run_demo"]
 
 logger = logging.getLogger("nuclei_d2.demo")
+
+
+def _steps_within(config_file: str, opts: list[str], max_iter: int) -> list[str]:
+    """An override keeping only the learning-rate steps before ``max_iter``.
+
+    The tiny configs step at iteration 1000; a demo of exactly 1000 iterations would otherwise be refused (a step at
+    the last iteration), and steps past the end do nothing anyway. A SOLVER.STEPS given in ``opts`` wins.
+    """
+    steps = tuple(build_cfg(config_file, opts).SOLVER.STEPS)
+    kept = tuple(s for s in steps if s < max_iter)
+    return [] if kept == steps else ["SOLVER.STEPS", repr(kept)]
 
 
 def run_demo(config_file: str, output_dir: str, max_iter: int = 150, opts: list[str] | None = None) -> dict[str, Any]:
@@ -31,7 +42,8 @@ def run_demo(config_file: str, output_dir: str, max_iter: int = 150, opts: list[
     out.mkdir(parents=True, exist_ok=True)
     setup_logger(str(out), name="detectron2")
     setup_logger(str(out), name="nuclei_d2")
-    cfg = setup_cfg(config_file, ["OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", str(max_iter), *(opts or [])])
+    opts = ["OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", str(max_iter), *(opts or [])]
+    cfg = setup_cfg(config_file, _steps_within(config_file, opts, max_iter) + opts)
 
     trainer = NucleiTrainer(cfg)
     trainer.resume_or_load(resume=False)
