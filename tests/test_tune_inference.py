@@ -78,3 +78,20 @@ def test_tool_prints_the_table_writes_the_config_and_refuses_bad_input(tmp_path,
                  "NOPE", "--grid", "MODEL.CLASSICAL.MIN_SIZE=5"]) == 2
     assert "NOPE" in capsys.readouterr().err
     assert not (tmp_path / "other.yaml").exists()
+
+
+def test_tool_takes_weights_for_a_config_whose_own_weights_do_not_exist(tmp_path, capsys):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    config = str(CONFIGS / "two_stage_unet_stage2-cpu.yaml")  # MODEL.WEIGHTS: ./output/... (not there)
+    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], eval_only=True)
+    DetectionCheckpointer(NucleiTrainer.build_model(cfg), save_dir=str(tmp_path)).save("random")
+    assert main(["--config-file", config, "--dataset", "nuclei_synth_test", "--max-images", "1", "--grid",
+                 "MODEL.TWO_STAGE.DILATE=1", "--output", str(tmp_path / "t.yaml"), "MODEL.DEVICE", "cpu"]) == 2
+    assert "MODEL.WEIGHTS" in capsys.readouterr().err
+    assert main(["--config-file", config, "--weights", str(tmp_path / "random.pth"), "--dataset",
+                 "nuclei_synth_test", "--max-images", "1", "--grid", "MODEL.TWO_STAGE.DILATE=1", "--output",
+                 str(tmp_path / "t.yaml"), "MODEL.DEVICE", "cpu", "MODEL.TILING.PATCH_SIZE", "128",
+                 "MODEL.TILING.STRIDE", "96"]) == 0
+    assert "DILATE: 1.0" in (tmp_path / "t.yaml").read_text()
+

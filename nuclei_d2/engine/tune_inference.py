@@ -196,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         grid = parse_grid(args.grid)
-        cfg = setup_cfg(args.config_file, args.opts, eval_only=True)  # fail early on a bad config or override
+        weights = ["MODEL.WEIGHTS", args.weights] if args.weights else []
+        cfg = setup_cfg(args.config_file, [*args.opts, *weights], eval_only=True)  # fail early on bad input
         rows = tune_inference(args.config_file, args.dataset, grid, weights=args.weights, opts=args.opts,
                               metric=args.metric, max_images=args.max_images)
     except (ConfigError, KeyError, ValueError) as e:
