@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str, ylabel: s
     ax.set_ylabel(ylabel)
     ax.set_ylim(0, max(0.8, max([r["AJI"] for r in rows] + [0])))
     ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=9)  # long override lists wrap, not clip
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
