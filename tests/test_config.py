@@ -93,3 +93,13 @@ def test_bad_lr_steps_are_named_before_training(steps, message):
     setup_cfg(str(CONFIGS / "maskrcnn_baseline-tiny.yaml"), opts, eval_only=True)
     setup_cfg(str(CONFIGS / "maskrcnn_baseline-tiny.yaml"), ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "20",
                                                              "SOLVER.STEPS", "(10, 30)"])
+
+
+def test_integer_override_of_a_float_key_is_taken_as_a_float():
+    from nuclei_d2.engine import ConfigError, build_cfg
+
+    cfg = build_cfg(None, ["MODEL.NB.THRESHOLD", "1", "MODEL.TWO_STAGE.DILATE", "2", "SOLVER.MAX_ITER", "7"])
+    assert cfg.MODEL.NB.THRESHOLD == 1.0 and isinstance(cfg.MODEL.NB.THRESHOLD, float)
+    assert cfg.MODEL.TWO_STAGE.DILATE == 2.0 and cfg.SOLVER.MAX_ITER == 7  # int keys stay int
+    with pytest.raises(ConfigError, match="MODEL.NB.THRESHOLD"):
+        build_cfg(None, ["MODEL.NB.THRESHOLD", "'high'"])  # a wrong type is still refused

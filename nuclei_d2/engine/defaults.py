@@ -11,6 +11,7 @@ import difflib
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -19,7 +20,8 @@ from ..config import add_nuclei_config
 #: Meta-architectures without weights (evaluated only).
 UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
 
-__all__ = ["UNTRAINABLE_ARCHITECTURES", "ConfigError", "build_cfg", "check_datasets", "check_weights", "setup_cfg"]
+__all__ = ["UNTRAINABLE_ARCHITECTURES", "ConfigError", "build_cfg", "check_datasets", "check_weights", "setup_cfg",
+           "write_override_config"]
 
 
 class ConfigError(ValueError):
@@ -72,12 +74,56 @@ def build_cfg(config_file: str | None = None, opts: Sequence[str] = ()) -> CfgNo
         if len(opts) % 2:
             raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {list(opts)}")
         try:
-            cfg.merge_from_list(list(opts))
+            cfg.merge_from_list(_floats_where_floats_are_expected(cfg, opts))
         except (KeyError, ValueError, AssertionError) as e:  # yacs asserts on unknown keys given as overrides
             if _is_unknown_key(e):
                 raise _unknown_key_error(cfg, e, "command line") from e
             raise ConfigError(f"command line: {e}") from e
     return cfg
+
+
+def _floats_where_floats_are_expected(cfg: CfgNode, opts: Sequence[str]) -> list[str]:
+    """Write integer values of float keys as floats: yacs refuses ``MODEL.NB.THRESHOLD 1`` (int against 0.5)."""
+    from ast import literal_eval
+
+    out = list(opts)
+    for i in range(0, len(out), 2):
+        node: object = cfg
+        for part in str(out[i]).split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, float) and isinstance(out[i + 1], str):
+            try:
+                value = literal_eval(out[i + 1])
+            except (ValueError, SyntaxError):
+                continue  # yacs reports it
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[i + 1] = repr(float(value))
+    return out
+
+
+def write_override_config(path: str | os.PathLike, base_config: str | os.PathLike, opts: Sequence[str],
+                          comment: str = "") -> Path:
+    """A config file inheriting from ``base_config`` that sets ``opts`` (``KEY VALUE ...``), written atomically.
+
+    Values are written as the config holds them after the overrides (typed, checked against its keys).
+    """
+    import yaml
+
+    from ..data.io import atomic_write
+
+    cfg = build_cfg(str(base_config), opts)
+    nested: dict = {}
+    for key in opts[::2]:
+        node, parts = nested, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        value = cfg
+        for part in parts:
+            value = value[part]
+        node[parts[-1]] = list(value) if isinstance(value, tuple) else value
+    text = "".join(f"# {line}\n" for line in comment.splitlines())
+    text += f'_BASE_: "{Path(base_config).resolve()}"\n' + yaml.safe_dump(nested, sort_keys=False)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def check_weights(path: str, resume: bool = False, output_dir: str | None = None) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import atomic_write, read_image_rgb
+from ..data.io import read_image_rgb
 from ..evaluation.metrics import compute_metrics
 from ..modeling.classical_watershed import ClassicalParams, classical_watershed, hematoxylin_foreground
 
@@ -107,15 +107,9 @@ def tune_classical(images: Sequence[np.ndarray], ground_truths: Sequence[np.ndar
 def write_tuned_config(path: str | os.PathLike, base_config: str | os.PathLike, params: ClassicalParams,
                        comment: str = "") -> Path:
     """A config file that inherits from ``base_config`` and sets the tuned parameters (written atomically)."""
-    base_path = Path(base_config).resolve()
-    lines = [f"# {line}" for line in comment.splitlines()] if comment else []
-    lines += [f'_BASE_: "{base_path}"', "MODEL:", "  CLASSICAL:"]
-    lines += [f"    {k.upper()}: {v}" for k, v in params.__dict__.items()]
+    from .defaults import write_override_config
 
-    def write(tmp: Path) -> None:
-        tmp.write_text("\n".join(lines) + "\n")
-
-    return atomic_write(path, write)
+    return write_override_config(path, base_config, params.to_config_opts(), comment)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,10 +24,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
+from .defaults import write_override_config
+
 __all__ = ["main", "parse_grid", "tune_inference", "write_tuned_config"]
+
+# The tuned config is plain overrides on top of the tuned one.
+write_tuned_config = write_override_config
 
 logger = logging.getLogger(__name__)
 
@@ -70,29 +74,6 @@ def _subset(dataset: str, max_images: int) -> str:
     return name
 
 
-def _as_typed(cfg: Any, key: str, values: Sequence[str]) -> list[str]:
-    """Write integers as floats for float keys (yacs refuses ``DILATE 1`` where the default is ``0.0``)."""
-    from ast import literal_eval
-
-    from .defaults import ConfigError
-
-    node = cfg
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return list(values)  # setup_cfg names the unknown key
-        node = node[part]
-    if not isinstance(node, float):
-        return list(values)
-    out = []
-    for v in values:
-        try:
-            number = literal_eval(v)
-        except (ValueError, SyntaxError) as e:
-            raise ConfigError(f"--grid {key}: {v!r} is not a number") from e
-        out.append(repr(float(number)) if isinstance(number, int) else v)
-    return out
-
-
 def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]], *, weights: str = "",
                    opts: Sequence[str] = (), metric: str = "AJI", max_images: int = 0, output_dir: str = "",
                    on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
@@ -115,14 +96,13 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
     """
     from detectron2.checkpoint import DetectionCheckpointer
 
-    from .defaults import build_cfg, check_datasets, setup_cfg
+    from .defaults import check_datasets, setup_cfg
     from .trainer import NucleiTrainer
 
     check_datasets([dataset], "--dataset")
     name = _subset(dataset, max_images)
     keys = list(grid)
-    base = build_cfg(config_file, opts)
-    points = list(itertools.product(*(_as_typed(base, k, grid[k]) for k in keys)))
+    points = list(itertools.product(*(grid[k] for k in keys)))
     base_opts = [*opts, "DATASETS.TEST", repr((name,)), "TEST.EVALUATORS", '["nuclei"]']
     if weights:
         base_opts += ["MODEL.WEIGHTS", weights]
@@ -145,29 +125,6 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
             on_row(row)
     rows.sort(key=lambda r: -r[metric])
     return rows
-
-
-def write_tuned_config(path: str | os.PathLike, base_config: str | os.PathLike, opts: Sequence[str],
-                       comment: str = "") -> Path:
-    """A config file inheriting from ``base_config`` that sets ``opts`` (``KEY VALUE ...``), written atomically."""
-    import yaml
-
-    from ..data.io import atomic_write
-    from .defaults import build_cfg
-
-    cfg = build_cfg(str(base_config), opts)  # typed values, checked against the config's keys
-    nested: dict[str, Any] = {}
-    for key in opts[::2]:
-        node, parts = nested, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        value = cfg
-        for part in parts:
-            value = value[part]
-        node[parts[-1]] = list(value) if isinstance(value, tuple) else value
-    text = "".join(f"# {line}\n" for line in comment.splitlines())
-    text += f'_BASE_: "{Path(base_config).resolve()}"\n' + yaml.safe_dump(nested, sort_keys=False)
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +168,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "tune_inference", "tuned.yaml")
     comment = (f"Tuned by tools/tune_inference.py on {args.dataset} ({images}), weights "
                f"{args.weights or cfg.MODEL.WEIGHTS or '(none)'}: mean {args.metric} {rows[0][args.metric]:.4f}")
-    path = write_tuned_config(out, args.config_file, rows[0]["opts"], comment)
+    path = write_override_config(out, args.config_file, rows[0]["opts"], comment)
     print(f"\nbest: {' '.join(rows[0]['opts'])}\nwrote {path}")
     return 0
