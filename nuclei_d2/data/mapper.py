@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from ..structures import annotations_to_label_map
 from .augment import build_nuclei_augmentation
+from .decode_cache import DecodeCache
 from .io import read_image_rgb, read_label_map
 
 __all__ = ["EXTRA_CHANNELS", "NucleiDatasetMapper", "label_map_to_gt_instances"]
@@ -68,7 +69,8 @@ class NucleiDatasetMapper:
     def __init__(self, is_train: bool, *, augmentations: list[T.Augmentation | T.Transform],
                  image_format: str = "RGB", filter_empty: bool = True, keep_gt: bool = False,
                  extra_channels: list[str] | tuple[str, ...] = (), targets: list[str] | tuple[str, ...] = (),
-                 target_params: dict[str, Any] | None = None, distance_from_gt_at_test: bool = False):
+                 target_params: dict[str, Any] | None = None, distance_from_gt_at_test: bool = False,
+                 decode_cache_mb: float = 0.0):
         """
         Args:
             is_train: training mode: annotations become ``instances``; images without nuclei are skipped when
@@ -85,6 +87,9 @@ class NucleiDatasetMapper:
             target_params: keyword parameters of :func:`nuclei_d2.data.targets.build_targets` (boundary_width, ...).
             distance_from_gt_at_test: at inference too, fill the ``"distance"`` channel from the ground truth when
                 there is one (an oracle, to measure what a perfect distance U-Net would give; never for real use).
+            decode_cache_mb: keep up to this many MB of decoded images and painted label maps in memory (per
+                process: each data-loader worker has its own), so the next crop of a tile skips the TIFF decode and
+                the painting of its annotations (:mod:`nuclei_d2.data.decode_cache`); 0 disables it.
         """
         from .targets import TARGET_NAMES
 
@@ -106,6 +111,9 @@ class NucleiDatasetMapper:
         self.image_format = image_format
         self.filter_empty = filter_empty
         self.keep_gt = keep_gt
+        if decode_cache_mb < 0:
+            raise ValueError(f"INPUT.NUCLEI.DECODE_CACHE_MB must be >= 0, got {decode_cache_mb}")
+        self.cache = DecodeCache(int(decode_cache_mb * 2**20)) if decode_cache_mb > 0 else None
         mode = "training" if is_train else "inference"
         logger.info(f"[NucleiDatasetMapper] augmentations used in {mode}: {augmentations}")
 
@@ -121,6 +129,8 @@ class NucleiDatasetMapper:
             "target_params": {"boundary_width": cfg.INPUT.BOUNDARY_WIDTH, "erode_radius": cfg.INPUT.ERODE_RADIUS,
                               "border_is_contour": cfg.INPUT.BORDER_IS_CONTOUR},
             "distance_from_gt_at_test": cfg.INPUT.DISTANCE_FROM_GT_AT_TEST,
+            # Inference reads each image once: a cache would only hold memory.
+            "decode_cache_mb": cfg.INPUT.NUCLEI.DECODE_CACHE_MB if is_train else 0.0,
         }
 
     def _load_label_map(self, dataset_dict: dict[str, Any], shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -136,20 +146,37 @@ class NucleiDatasetMapper:
         classes = np.array([a.get("category_id", 0) for a in annos], dtype=np.int64)
         return label, classes
 
-    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any] | None:
-        preloaded = dataset_dict.get("image")
-        if isinstance(preloaded, np.ndarray):  # an in-memory RGB image (the predictor's path): don't re-read it
-            dataset_dict = {k: v for k, v in dataset_dict.items() if k != "image"}
-        dataset_dict = copy.deepcopy(dataset_dict)
+    def _decode(self, dataset_dict: dict[str, Any], preloaded: Any, want_gt: bool
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The RGB image and (when ``want_gt``) label map + classes of ``dataset_dict``, from the cache if there."""
+        key = None
+        if self.cache is not None and not isinstance(preloaded, np.ndarray) and "file_name" in dataset_dict:
+            key = (dataset_dict["file_name"], dataset_dict.get("label_file"), dataset_dict.get("image_id"),
+                   len(dataset_dict.get("annotations", ())), want_gt)
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit  # type: ignore[return-value]
         image = preloaded if isinstance(preloaded, np.ndarray) else read_image_rgb(dataset_dict["file_name"])
         h, w = image.shape[:2]
         if dataset_dict.get("height", h) != h or dataset_dict.get("width", w) != w:
             raise ValueError(f"{dataset_dict.get('file_name', '<image>')}: image is {h}x{w} but the dataset says "
                              f"{dataset_dict.get('height')}x{dataset_dict.get('width')}")
+        label, classes = self._load_label_map(dataset_dict, (h, w)) if want_gt else (None, None)
+        if key is not None:
+            self.cache.put(key, (image, label, classes))
+        return image, label, classes
+
+    def __call__(self, dataset_dict: dict[str, Any]) -> dict[str, Any] | None:
+        preloaded = dataset_dict.get("image")
+        if isinstance(preloaded, np.ndarray):  # an in-memory RGB image (the predictor's path): don't re-read it
+            dataset_dict = {k: v for k, v in dataset_dict.items() if k != "image"}
+        # Training only reads the annotations (they are replaced by "instances"), so a shallow copy will do; at
+        # inference they go on to the evaluators.
+        dataset_dict = dict(dataset_dict) if self.is_train else copy.deepcopy(dataset_dict)
         has_gt = "annotations" in dataset_dict or "label_file" in dataset_dict
         oracle = self.distance_from_gt_at_test and "distance" in self.extra_channels
         want_gt = has_gt and (self.is_train or self.keep_gt or oracle)
-        label, classes = self._load_label_map(dataset_dict, (h, w)) if want_gt else (None, None)
+        image, label, classes = self._decode(dataset_dict, preloaded, want_gt)
 
         aug_input = T.AugInput(image, sem_seg=label)
         self.augmentations(aug_input)
