@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
@@ -34,13 +33,14 @@ from nuclei_d2.data.mapper import NucleiDatasetMapper
 from nuclei_d2.data.synthetic import make_synthetic_tile
 from nuclei_d2.engine import build_optimizer, setup_cfg
 from nuclei_d2.inference import NucleiPredictor
+from nuclei_d2.modeling import build_nuclei_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def time_training(cfg, iters: int) -> float:
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_nuclei_model(cfg)
     model.train()
     opt = build_optimizer(cfg, model)
     mapper = NucleiDatasetMapper(cfg, is_train=True)

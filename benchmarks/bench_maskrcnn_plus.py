@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detectron2.modeling import build_model
 from tabulate import tabulate
 
 import nuclei_d2  # noqa: F401
@@ -39,6 +38,7 @@ from nuclei_d2.data.synthetic import make_synthetic_tile
 from nuclei_d2.engine import setup_cfg
 from nuclei_d2.inference.test_time import TestTimeWrapper
 from nuclei_d2.inference.tta import parse_tta_transforms
+from nuclei_d2.modeling import build_nuclei_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -49,7 +49,7 @@ def build(config: str, detections: int, seed: int):
                     + (["MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE",
                         "True"] if "plus" in config else []))
     torch.manual_seed(seed)
-    model = build_model(cfg).eval()
+    model = build_nuclei_model(cfg).eval()
     return cfg, model, NucleiDatasetMapper(cfg, is_train=False)
 
 

@@ -85,16 +85,16 @@ def _image(size: int, path: str = "") -> np.ndarray:
 def _model(config: str, weights: str, tiled: bool, threads: int, opts: list[str]):
     import torch
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
 
     import nuclei_d2  # noqa: F401
     from nuclei_d2.engine import setup_cfg
+    from nuclei_d2.modeling import build_nuclei_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", weights, "MODEL.TILING.ENABLED", str(tiled),
                              *opts], eval_only=True)
-    model = build_model(cfg).eval()
+    model = build_nuclei_model(cfg).eval()
     if weights:
         DetectionCheckpointer(model).load(weights)
     return model, cfg

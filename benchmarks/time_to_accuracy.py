@@ -148,11 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--minutes and --eval-every must be > 0")
 
     import torch
-    from detectron2.modeling import build_model
     from detectron2.utils.logger import setup_logger
 
     import nuclei_d2  # noqa: F401  (registers datasets and models)
     from nuclei_d2.engine import ConfigError, NucleiTrainer, setup_cfg
+    from nuclei_d2.modeling import build_nuclei_model
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     floor = None
     if floor_cfg is not None:
-        floor, _, floor_s = evaluate(floor_cfg, build_model(floor_cfg))
+        floor, _, floor_s = evaluate(floor_cfg, build_nuclei_model(floor_cfg))
         floor["inference_s_per_tile"] = floor_s
         log.info("classical floor: AJI %.3f PQ %.3f Dice1 %.3f (%.2f s per tile, incl. evaluation)",
                  floor["AJI"], floor["PQ"], floor["Dice1"], floor_s)

@@ -135,6 +135,10 @@ def _add_data_config(cfg: CN) -> None:
 
 
 def _add_solver_config(cfg: CN) -> None:
+    # Model weights (hence convolution activations) stored channels-last (NHWC) for training and inference
+    # (nuclei_d2/modeling/build.py): 1.12-1.21x faster training steps on CPU for the U-Nets and BRP-Net, 1.04x for
+    # the ResNet-18 Mask R-CNN+ (benchmarks/bench_memory_format.py); on in those U-Net / BRP-Net CPU configs.
+    cfg.MODEL.CHANNELS_LAST = False
     # "SGD" (Detectron2's default), "Adam" or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)

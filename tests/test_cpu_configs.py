@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import CONFIGS, REPO, tiny_cfg
 from detectron2.data import DatasetCatalog
-from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from nuclei_d2.data.mapper import NucleiDatasetMapper
 from nuclei_d2.engine import build_optimizer
+from nuclei_d2.modeling import build_nuclei_model
 
 CPU_CONFIGS = sorted(p.name for p in CONFIGS.glob("*-cpu.yaml") if not p.name.endswith("-kumar-cpu.yaml"))
 SYNTH = ["DATASETS.TRAIN", "('nuclei_synth_train',)", "DATASETS.TEST", "('nuclei_synth_test',)"]
@@ -36,7 +36,7 @@ def test_cpu_config_trains_a_step_and_predicts(name):
     stage1 = {"brpnet_stage2-cpu.yaml": ["MODEL.BRPNET.STAGE1_WEIGHTS", ""],
               "two_stage_unet_stage2-cpu.yaml": ["MODEL.WEIGHTS", ""]}.get(name, [])
     cfg = tiny_cfg(name, *SYNTH, *stage1)
-    model = build_model(cfg)
+    model = build_nuclei_model(cfg)
     mapper = NucleiDatasetMapper(cfg, is_train=True)
     batch = [b for b in (mapper(d) for d in DatasetCatalog.get("nuclei_synth_train")[:3]) if b is not None][:2]
     optimizer = build_optimizer(cfg, model)

@@ -92,6 +92,15 @@ class NucleiTrainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's ``build_model`` with ``MODEL.CHANNELS_LAST`` applied (:func:`build_nuclei_model`)."""
+        from ..modeling.build import build_nuclei_model
+
+        model = build_nuclei_model(cfg)
+        logging.getLogger(__name__).info("Model:\n%s", model)
+        return model
+
+    @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, mapper=NucleiDatasetMapper(cfg, is_train=True))
 

@@ -73,7 +73,8 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         ValueError: ``configs`` has a bad length, or a member needs an input channel the main config lacks.
     """
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
+
+    from ..modeling.build import build_nuclei_model
 
     weights, configs = list(weights), list(configs)
     if configs and len(configs) not in (1, len(weights)):
@@ -95,7 +96,7 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         mcfg = mcfg.clone()
         mcfg.defrost()
         mcfg.MODEL.WEIGHTS = path
-        model = build_model(mcfg)
+        model = build_nuclei_model(mcfg)
         DetectionCheckpointer(model).load(path)
         model.eval()
         channels = _channel_map(input_channel_names(mcfg), input_names, f"TEST.ENSEMBLE member {path!r}")

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from ..data.io import to_rgb_uint8
@@ -47,7 +46,9 @@ class NucleiPredictor:
 
     def __init__(self, cfg):
         self.cfg = cfg.clone()
-        self.model = build_model(self.cfg)
+        from ..modeling.build import build_nuclei_model  # here: the models import this package
+
+        self.model = build_nuclei_model(self.cfg)
         self.model.eval()
         if cfg.MODEL.WEIGHTS:
             DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)

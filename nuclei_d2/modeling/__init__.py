@@ -16,4 +16,5 @@ from . import (  # noqa: F401  (importing registers)
     maskrcnn_plus,
     panoptic_fusion,
 )
+from .build import build_nuclei_model, to_memory_format  # noqa: F401
 from .dense import NucleusBoundaryUNet, TwoStageUNet  # noqa: F401  (also registers build_unet_backbone)
