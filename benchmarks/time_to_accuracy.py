@@ -86,6 +86,8 @@ def make_hook(points: list[float], budget: float, prior: float, on_point):
             m = self.minutes()
             if m >= budget:
                 self._point()
+                # The model the last point measured, for tuning or predicting (MAX_ITER saves its own).
+                self.trainer.checkpointer.save("model_final", iteration=self.trainer.iter)
                 raise BudgetReached(f"{budget:g} minutes of training reached at iteration {self.trainer.iter + 1}")
             if self.next < len(points) and m >= points[self.next]:
                 while self.next < len(points) and m >= points[self.next]:

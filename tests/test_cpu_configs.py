@@ -72,3 +72,6 @@ def test_time_to_accuracy_benchmark_writes_its_curve(python, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["floor"]["AJI"] > 0 and summary["final"]["iteration"] == int(rows[-1]["iteration"])
     assert (out / "curve.png").stat().st_size > 1000
+    # stopped by the budget (not MAX_ITER), the last evaluated model is still saved
+    final = torch.load(out / "train" / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] + 1 == summary["final"]["iteration"]
