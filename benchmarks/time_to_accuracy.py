@@ -218,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                "minutes_to_floor_PQ": minutes_to_reach(rows, "PQ", floor["PQ"]) if floor else None,
                "threads": torch.get_num_threads()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(rows, floor, out / "curve.png", f"{Path(args.config_file).name} {' '.join(args.opts)}"[:90],
+    opts = " ".join(Path(o).name if "/" in o else o for o in args.opts)  # paths shortened to file names
+    prior = f" after {args.prior_minutes:g} min of a prior stage" if args.prior_minutes else ""
+    plot(rows, floor, out / "curve.png", f"{Path(args.config_file).name}{prior} {opts}"[:200],
          f"AJI / PQ on {', '.join(cfg.DATASETS.TEST)}", threads=torch.get_num_threads())
     from tabulate import tabulate
 
