@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from detectron2.config import get_cfg
@@ -94,8 +96,6 @@ def test_cached_mapper_gives_the_same_samples_and_skips_the_decode(tile):
     assert (cached.cache.hits, cached.cache.misses) == (4, 1)
     assert len(d["annotations"]) == 4  # the caller's dict keeps its annotations (shallow copy in training)
     # With the file gone, the cached mapper still serves the tile; the uncached one cannot.
-    import os
-
     os.remove(d["file_name"])
     assert cached(d)["image"].shape == (3, 32, 32)
     with pytest.raises(Exception, match="tile.png"):
