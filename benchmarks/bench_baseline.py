@@ -31,7 +31,7 @@ from tabulate import tabulate
 import nuclei_d2  # noqa: F401
 from nuclei_d2.data.mapper import NucleiDatasetMapper
 from nuclei_d2.data.synthetic import make_synthetic_tile
-from nuclei_d2.engine import build_optimizer, setup_cfg
+from nuclei_d2.engine import RANDOM_INIT_OPTS, build_optimizer, setup_cfg
 from nuclei_d2.inference import NucleiPredictor
 from nuclei_d2.modeling import build_nuclei_model
 
@@ -97,12 +97,10 @@ def main() -> None:
                 "SOLVER.IMS_PER_BATCH", "2", "DATASETS.TRAIN", "('nuclei_synth_train',)",
                 "DATASETS.TEST", "('nuclei_synth_test',)", "DATASETS.SYNTHETIC.IMAGE_SIZE", "512",
                 "DATASETS.SYNTHETIC.NUM_TRAIN", "4", "TEST.DETECTIONS_PER_IMAGE", str(args.detections),
-                "MODEL.WEIGHTS", "",
+                *RANDOM_INIT_OPTS,  # untrained companions (distance U-Net, stage-1 nets) cost the same
                 # Random-init scores sit near 0.5: with each config's own threshold (0.7 in the CPU configs, 0.5 in
                 # R50's) some models would keep no detection and skip the mask head. At 0 all fill the same cap.
                 "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
-        if "maskrcnn_plus" in Path(path).name:
-            opts += ["MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True"]
         if Path(path).name.startswith("nb_unet"):
             # A random-init net's "inside" map above the CPU config's 0.8 is speckle (~90,000 specks on the tile,
             # more pred_masks than memory allows); at the paper's 0.5 it gives blobs, as a trained net would.
@@ -110,8 +108,6 @@ def main() -> None:
         if Path(path).name.startswith("two_stage_unet_stage2"):
             # Likewise: markers from a random distance map smoothed as little as the CPU config's 0.25 are ~12,000.
             opts += ["MODEL.TWO_STAGE.SIGMA_FACTOR", "0.5"]
-        if Path(path).name.startswith("brpnet_stage2"):
-            opts += ["MODEL.BRPNET.STAGE1_WEIGHTS", ""]  # a random TAFE costs the same as a trained one
         cfg = setup_cfg(path, opts)
         train_s = time_training(cfg, args.iters)
         infer_s, n = time_inference(cfg, image, args.repeats)

@@ -24,12 +24,10 @@ from tabulate import tabulate
 
 import nuclei_d2  # noqa: F401  (registers the datasets)
 from nuclei_d2.data.mapper import NucleiDatasetMapper
-from nuclei_d2.engine import setup_cfg
+from nuclei_d2.engine import RANDOM_INIT_OPTS, setup_cfg
 from nuclei_d2.modeling import build_nuclei_model, to_memory_format
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STAGE1 = {"brpnet_stage2-cpu.yaml": ["MODEL.BRPNET.STAGE1_WEIGHTS", ""],
-          "two_stage_unet_stage2-cpu.yaml": ["MODEL.WEIGHTS", ""]}
 
 
 def step_seconds(model, batch, iters: int) -> float:
@@ -51,7 +49,7 @@ def main() -> None:
     rows = []
     for name in args.configs:
         path = Path(name) if Path(name).exists() else CONFIGS / name
-        cfg = setup_cfg(str(path), ["MODEL.DEVICE", "cpu", *STAGE1.get(path.name, [])])
+        cfg = setup_cfg(str(path), ["MODEL.DEVICE", "cpu", *RANDOM_INIT_OPTS])
         torch.manual_seed(0)
         model = build_nuclei_model(cfg).train()
         mapper = NucleiDatasetMapper(cfg, is_train=True)

@@ -11,14 +11,12 @@ from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
 
 from nuclei_d2.data.mapper import NucleiDatasetMapper
-from nuclei_d2.engine import NucleiTrainer
+from nuclei_d2.engine import RANDOM_INIT_OPTS, NucleiTrainer
 from nuclei_d2.inference import NucleiPredictor
 from nuclei_d2.modeling import build_nuclei_model, to_memory_format
 
 TINY = sorted(p.name for p in CONFIGS.glob("*-tiny.yaml"))
 SYNTH = ["DATASETS.TRAIN", "('nuclei_synth_train',)", "DATASETS.TEST", "('nuclei_synth_test',)"]
-STAGE1 = {"brpnet_stage2-tiny.yaml": ["MODEL.BRPNET.STAGE1_WEIGHTS", ""],
-          "two_stage_unet_stage2-tiny.yaml": ["MODEL.WEIGHTS", ""]}
 
 
 def _is_channels_last(model: torch.nn.Module) -> bool:
@@ -29,7 +27,7 @@ def _is_channels_last(model: torch.nn.Module) -> bool:
 @pytest.mark.parametrize("name", TINY)
 def test_channels_last_gives_the_same_losses_and_predictions(name):
     torch.manual_seed(0)
-    cfg = tiny_cfg(name, *SYNTH, *STAGE1.get(name, []))
+    cfg = tiny_cfg(name, *SYNTH, *RANDOM_INIT_OPTS)
     nchw = build_nuclei_model(cfg)
     nhwc = to_memory_format(copy.deepcopy(nchw), True)
     assert not _is_channels_last(nchw) and _is_channels_last(nhwc)
@@ -73,7 +71,7 @@ def test_checkpoints_load_across_layouts(tmp_path):
     """A channels-last model loads a contiguous checkpoint (and vice versa) into the same values, keeping its layout."""
     from detectron2.checkpoint import DetectionCheckpointer
 
-    opts = [*SYNTH, "MODEL.WEIGHTS", ""]
+    opts = [*SYNTH, *RANDOM_INIT_OPTS]
     a = build_nuclei_model(tiny_cfg("two_stage_unet_stage2-tiny.yaml", *opts))
     DetectionCheckpointer(a, str(tmp_path)).save("nchw")
     b = build_nuclei_model(tiny_cfg("two_stage_unet_stage2-tiny.yaml", *opts, "MODEL.CHANNELS_LAST", "True"))

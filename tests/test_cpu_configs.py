@@ -29,13 +29,11 @@ def test_there_are_cpu_configs():
 @pytest.mark.parametrize("name", CPU_CONFIGS)
 def test_cpu_config_trains_a_step_and_predicts(name):
     torch.manual_seed(0)
-    from nuclei_d2.engine import build_cfg
+    from nuclei_d2.engine import RANDOM_INIT_OPTS, build_cfg
 
     assert build_cfg(str(CONFIGS / name)).DATASETS.TRAIN == ("kumar_train",)  # they target the Kumar split
     # stage-2 configs load their stage-1 model from a path; here the stage-1 part stays randomly initialised
-    stage1 = {"brpnet_stage2-cpu.yaml": ["MODEL.BRPNET.STAGE1_WEIGHTS", ""],
-              "two_stage_unet_stage2-cpu.yaml": ["MODEL.WEIGHTS", ""]}.get(name, [])
-    cfg = tiny_cfg(name, *SYNTH, *stage1)
+    cfg = tiny_cfg(name, *SYNTH, *RANDOM_INIT_OPTS)
     model = build_nuclei_model(cfg)
     mapper = NucleiDatasetMapper(cfg, is_train=True)
     batch = [b for b in (mapper(d) for d in DatasetCatalog.get("nuclei_synth_train")[:3]) if b is not None][:2]

@@ -20,8 +20,14 @@ from ..config import add_nuclei_config
 #: Meta-architectures without weights (evaluated only).
 UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
 
-__all__ = ["UNTRAINABLE_ARCHITECTURES", "ConfigError", "build_cfg", "check_datasets", "check_weights", "setup_cfg",
-           "write_override_config"]
+#: Overrides that let any config build from random initialisation, without the checkpoints it names (a stage-2
+#: config's stage-1 model, Mask R-CNN+'s distance U-Net): for benchmarks that time untrained models and for tests.
+#: Every key exists in every config, so they apply to all methods alike.
+RANDOM_INIT_OPTS = ("MODEL.WEIGHTS", "", "MODEL.BRPNET.STAGE1_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "",
+                    "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True")
+
+__all__ = ["RANDOM_INIT_OPTS", "UNTRAINABLE_ARCHITECTURES", "ConfigError", "build_cfg", "check_datasets",
+           "check_weights", "setup_cfg", "write_override_config"]
 
 
 class ConfigError(ValueError):
