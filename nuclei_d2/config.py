@@ -369,7 +369,7 @@ def _add_maskrcnn_plus_config(cfg: CN) -> None:
 
 
 def _add_tta_config(cfg: CN) -> None:
-    """Test-time augmentation, ensembles and instance-level merging (nuclei_d2/inference/tta.py, ensemble.py,
+    """Test-time augmentation, ensembles and their merging (nuclei_d2/inference/tta.py, ensemble.py,
     merge.py, test_time.py; docs/maskrcnn_plus.md). Used by NucleiTrainer.test (--eval-only) for any model."""
     # Detectron2 defines TEST.AUG.ENABLED (used here: run the transforms below) and MIN_SIZES / MAX_SIZE / FLIP (for
     # its own multi-scale TTA, not used by nuclei-d2).
@@ -385,6 +385,10 @@ def _add_tta_config(cfg: CN) -> None:
     e.WEIGHTS = []
     e.CONFIGS = []
     m = cfg.TEST.MERGE = CN()
+    # How predictions are merged: "probs" averages the probability maps of dense models (U-Nets, BRP-Net) and
+    # post-processes the mean once; "instances" merges nuclei (the keys below); "auto" takes "probs" when every member
+    # is a dense model with the same maps, else "instances".
+    m.MODE = "auto"
     # Two predictions of different members (model x copy) are the same nucleus when their mask IoU >= IOU_THRESHOLD.
     m.IOU_THRESHOLD = 0.5
     # Keep a nucleus only if at least MIN_VOTES members predicted it (2 drops singletons; clamped to the number of

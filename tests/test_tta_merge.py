@@ -1,5 +1,6 @@
 """Instance-level merging (nuclei_d2/inference/merge.py) on hand-made masks, TTA transforms and their inverses
-(tta.py) on an asymmetric synthetic image, and the method-agnostic TestTimeWrapper (test_time.py)."""
+(tta.py) on an asymmetric synthetic image, and the method-agnostic TestTimeWrapper (test_time.py): nuclei merged,
+or dense models' probability maps averaged."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from nuclei_d2.inference.merge import CropMasks, group_instances, mask_ious, merge_instances
 from nuclei_d2.inference.test_time import TestTimeWrapper
 from nuclei_d2.inference.tta import parse_tta_transforms, tta_input
+from nuclei_d2.modeling.dense_base import DenseSegmentor
 
 
 def rect(h: int, w: int, y0: int, y1: int, x0: int, x1: int, value: float = 1.0) -> np.ndarray:
@@ -268,3 +270,126 @@ def test_wrapper_ensemble_of_models_votes():
     wrapper = TestTimeWrapper([ThresholdModel(), ThresholdModel(), ThresholdModel()], None, min_votes=3).eval()
     assert wrapper.num_predictions == 3
     assert len(wrapper([inp])[0]["instances"]) == 2
+
+
+# ---- dense models: probability maps averaged before post-processing -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in TRANSFORMS if n != "hue:0.1"])
+def test_invert_map_undoes_the_copy(name):
+    (t,) = parse_tta_transforms([name])
+    maps = torch.rand(3, 40, 64)
+    copy = torch.from_numpy(t.apply_image(maps.numpy().transpose(1, 2, 0)).transpose(2, 0, 1).copy())
+    assert tuple(copy.shape[-2:]) == t.output_size(40, 64)
+    assert torch.equal(t.invert_map(copy, 40, 64), maps)
+    if t.is_geometric:
+        assert copy.shape != maps.shape or not torch.equal(copy, maps)
+    with pytest.raises(ValueError, match="transformed copy"):
+        t.invert_map(torch.rand(3, 41, 64), 40, 64)
+
+
+class RampSegmentor(DenseSegmentor):
+    """A dense 'model' that is not flip-equivariant: foreground probability 0.6 on dark pixels plus a left-to-right
+    ramp 0 -> 0.7 in the frame it sees; post-processing = connected components of foreground > 0.5."""
+
+    prob_names = ("foreground",)
+
+    def __init__(self):
+        super().__init__(pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3)
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def dense_probs(self, x):
+        self.seen.append(tuple(x.shape[-2:]))
+        dark = (x[:, :3].mean(1, keepdim=True) < 150).float()
+        ramp = torch.linspace(0, 0.7, x.shape[-1]).view(1, 1, 1, -1)
+        return dark * 0.6 + ramp
+
+    def postprocess(self, probs):
+        label, n = ndimage.label(probs[0] > 0.5)
+        return label.astype(np.int32), np.ones(n, np.float32)
+
+
+def test_dense_members_average_maps_in_the_original_frame():
+    image, label = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64}
+    model = RampSegmentor().eval()
+    single = model([inp])[0]
+    truth = torch.from_numpy(ndimage.label(label > 0)[0].astype(np.int32))
+    # Alone, the ramp pushes the right part of the background over 0.5 (a false 'nucleus' swallowing nucleus 2).
+    assert not torch.equal(single["label_map"], truth)
+    wrapper = TestTimeWrapper([model], parse_tta_transforms(["identity", "hflip", "rot90"]))
+    assert wrapper.merge_mode == "probs"
+    out = wrapper.eval()([inp])[0]
+    assert model.seen[-3:] == [(40, 64), (40, 64), (64, 40)]
+    # Mapped back, the identity and flipped ramps sum to a flat 0.7, and the rot90 copy's ramp runs down the rows
+    # (its column j is row j of the original): the dark pixels are where they are in the original, and the
+    # background stays below 0.5.
+    dark = torch.from_numpy((label > 0).astype(np.float32))
+    ramp = torch.linspace(0, 0.7, 64)
+    rot_ramp = torch.linspace(0, 0.7, 40).view(-1, 1).expand(40, 64)
+    want = dark * 0.6 + (ramp + ramp.flip(0) + rot_ramp) / 3
+    torch.testing.assert_close(out["probs"][0], want)
+    assert torch.equal(out["label_map"], truth)
+    assert len(out["instances"]) == 2 and out["instances"].pred_masks.shape == (2, 40, 64)
+    # Merging nuclei instead keeps the copies' own false positives apart and votes them out only where they differ.
+    by_nuclei = TestTimeWrapper([RampSegmentor()], parse_tta_transforms(["identity", "hflip", "rot90"]),
+                                merge="instances").eval()
+    assert by_nuclei.merge_mode == "instances" and "label_map" not in by_nuclei([inp])[0]
+
+
+def test_merge_mode_auto_and_probs_need_dense_members():
+    transforms = parse_tta_transforms(["identity", "hflip"])
+    assert TestTimeWrapper([ThresholdModel()], transforms).merge_mode == "instances"
+    assert TestTimeWrapper([RampSegmentor(), ThresholdModel()], transforms).merge_mode == "instances"
+    with pytest.raises(ValueError, match="ThresholdModel \\(not dense\\)"):
+        TestTimeWrapper([RampSegmentor(), ThresholdModel()], transforms, merge="probs")
+    with pytest.raises(ValueError, match="TEST.MERGE.MODE must be one of"):
+        TestTimeWrapper([RampSegmentor()], transforms, merge="mean")
+
+
+def test_dense_tta_from_a_config_matches_the_model_on_identity_and_runs_the_transforms():
+    from conftest import tiny_cfg
+    from detectron2.data import DatasetCatalog
+
+    from nuclei_d2.data.mapper import NucleiDatasetMapper
+    from nuclei_d2.inference.test_time import build_test_time_wrapper
+    from nuclei_d2.modeling import build_nuclei_model
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("nb_unet-tiny.yaml", "TEST.AUG.ENABLED", "True", "TEST.AUG.TRANSFORMS", "['identity']",
+                   "MODEL.NB.THRESHOLD", "0.3")
+    model = build_nuclei_model(cfg).eval()
+    inp = NucleiDatasetMapper(cfg, is_train=False)(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0])
+    wrapper = build_test_time_wrapper(cfg, model).eval()
+    assert wrapper.merge_mode == "probs"
+    alone, wrapped = model([inp])[0], wrapper([inp])[0]
+    assert torch.equal(alone["label_map"], wrapped["label_map"]) and torch.equal(alone["probs"], wrapped["probs"])
+    cfg4 = tiny_cfg("nb_unet-tiny.yaml", "TEST.AUG.ENABLED", "True", "TEST.AUG.TRANSFORMS",
+                    "['identity', 'hflip', 'rot90', 'hue']", "MODEL.NB.THRESHOLD", "0.3")
+    four = build_test_time_wrapper(cfg4, model).eval()([inp])[0]
+    assert four["probs"].shape == alone["probs"].shape
+    torch.testing.assert_close(four["probs"].sum(0), torch.ones(alone["probs"].shape[1:]))  # still softmax maps
+    assert not torch.allclose(four["probs"], alone["probs"])  # a random-init U-Net is not flip-invariant
+
+
+def test_brpnet_segment_probs_refines_only_with_the_image(monkeypatch):
+    from conftest import tiny_cfg
+
+    from nuclei_d2.modeling import build_nuclei_model
+
+    cfg = tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", "", "MODEL.BRPNET.INFERENCE", "refine")
+    model = build_nuclei_model(cfg).eval()
+    probs = np.zeros((2, 40, 64), np.float32)
+    probs[0, 10:30, 10:30] = 1.0  # one 20 x 20 nucleus, no boundary inside it
+    calls = []
+
+    def fake_refine(image, semantic, boundary, proposals):
+        calls.append(tuple(image.shape))
+        return proposals * 0, np.zeros(0, np.float32)
+
+    monkeypatch.setattr(model, "refine", fake_refine)
+    label, _ = model.segment_probs(probs)
+    assert label.max() == 1 and not calls  # proposals only
+    label, _ = model.segment_probs(probs, torch.zeros(3, 40, 64))
+    assert calls == [(3, 40, 64)] and label.max() == 0  # the refinement's answer is returned

@@ -15,7 +15,8 @@ Geometric transforms move every channel (a flipped hematoxylin channel is the he
 image). A colour transform changes the RGB channels only, so a ``hematoxylin`` extra channel is recomputed from the
 shifted RGB, as the mapper would have computed it for that image. The image operations reuse
 :class:`nuclei_d2.data.augment.Rot90Transform` and :class:`~nuclei_d2.data.augment.HueTransform` and fvcore's flips;
-the inverse of the geometric part is applied to boxes (``Transform.inverse().apply_box``) and to each mask crop.
+the inverse of the geometric part is applied to boxes (``Transform.inverse().apply_box``) and to each mask crop, or,
+for dense models whose copies are averaged before post-processing, to the probability maps (``invert_map``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,25 @@ class TTATransform:
             crops = [_invert_crop(t, c) for c in crops]
         return CropMasks((int(height), int(width)), np.rint(boxes).astype(np.int64).reshape(-1, 4), crops,
                          pred.scores.copy(), pred.classes.copy())
+
+
+    def invert_map(self, maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Map ``K x h x w`` dense maps (probabilities) predicted on the transformed copy back to the original
+        ``height x width`` frame: what dense models' copies are averaged in (photometric operations need nothing)."""
+        th, tw = self.output_size(height, width)
+        if tuple(maps.shape[-2:]) != (th, tw):
+            raise ValueError(f"TTA {self.name!r}: maps are {maps.shape[-2]}x{maps.shape[-1]} but the transformed copy "
+                             f"of a {height}x{width} image is {th}x{tw}")
+        for t in reversed(self.geometric_transforms(height, width)):
+            if isinstance(t, HFlipTransform):
+                maps = maps.flip(-1)
+            elif isinstance(t, VFlipTransform):
+                maps = maps.flip(-2)
+            elif isinstance(t, Rot90Transform):  # np.rot90 turns counter-clockwise from rows to columns
+                maps = torch.rot90(maps, -t.k, dims=(-2, -1))
+            else:
+                raise TypeError(f"no map inverse for {type(t).__name__}")
+        return maps
 
 
 def _invert_crop(t: Transform, crop: np.ndarray) -> np.ndarray:

@@ -176,8 +176,19 @@ class DenseSegmentor(nn.Module):
             return tile_predict(fn, image, t.patch, t.stride, t.weight, t.batch_size, progress=t.progress)
         return fn(image[None])[0].to("cpu", torch.float32)
 
-    def postprocess_probs(self, probs: torch.Tensor | np.ndarray) -> tuple[Any, np.ndarray]:
-        """``(Instances, label map)`` of a ``K x H x W`` probability map (at the output resolution).
+    def segment_probs(self, probs: np.ndarray, image: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The method's whole post-processing: ``K x H x W`` probabilities -> (label map 1..N, scores).
+
+        ``image`` (``C x H x W`` 0-255, at the maps' size) is for methods whose last step looks at the pixels again
+        (BRP-Net's refinement networks); the others use :meth:`postprocess` alone. Wrappers that average dense maps
+        (test-time augmentation, ensembles) end here.
+        """
+        return self.postprocess(probs)
+
+    def postprocess_probs(self, probs: torch.Tensor | np.ndarray, image: torch.Tensor | None = None
+                          ) -> tuple[Any, np.ndarray]:
+        """``(Instances, label map)`` of a ``K x H x W`` probability map (at the output resolution), through
+        :meth:`segment_probs` (``image``: see there).
 
         Raises:
             MemoryError: the ``N x H x W`` boolean ``pred_masks`` of the contract would exceed ``max_mask_gb``
@@ -185,7 +196,7 @@ class DenseSegmentor(nn.Module):
                 :meth:`postprocess`, which only need label maps, for such images.
         """
         arr = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-        label, scores = self.postprocess(arr)
+        label, scores = self.segment_probs(arr, image)
         need = float(label.max()) * label.size / 2**30 if label.size else 0.0
         if need > self.max_mask_gb:
             raise MemoryError(f"{int(label.max())} nuclei on a {label.shape[0]}x{label.shape[1]} image need "

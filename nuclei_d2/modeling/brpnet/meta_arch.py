@@ -315,6 +315,15 @@ class BRPNet(DenseSegmentor):
         return extract_proposals(probs[0], probs[1], **self.proposal)
 
     @torch.no_grad()
+    def segment_probs(self, probs: np.ndarray, image: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Proposals, then (``MODEL.BRPNET.INFERENCE`` "refine", given the ``C x H x W`` 0-255 image at the maps'
+        size) the refinement networks: what wrappers that average the probability maps (TTA, ensembles) run last."""
+        label, scores = extract_proposals(probs[0], probs[1], **self.proposal)
+        if self.inference_mode == "refine" and image is not None and label.any():
+            label, scores = self.refine(image, probs[0], probs[1], label)
+        return label, scores
+
+    @torch.no_grad()
     def inference(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results = []
         for inp in batched_inputs:
