@@ -19,6 +19,9 @@ def test_parse_grid_and_its_errors():
             parse_grid(bad)
     with pytest.raises(ValueError, match="twice"):
         parse_grid(["A.B=1", "A.B=2"])
+    # list values keep their commas (test-time copies to compare), quoted commas too
+    assert parse_grid(["TEST.AUG.TRANSFORMS=['identity'], ['identity','hflip']", "X.Y='a,b',c"]) == {
+        "TEST.AUG.TRANSFORMS": ["['identity']", "['identity','hflip']"], "X.Y": ["'a,b'", "c"]}
 
 
 def test_best_row_is_what_the_written_config_evaluates_to(tmp_path):

@@ -39,8 +39,31 @@ logger = logging.getLogger(__name__)
 SHOWN = ("AJI", "PQ", "Dice1", "F1", "precision", "recall")
 
 
+def _split_values(values: str) -> list[str]:
+    """Split on the commas outside brackets and quotes, so list values (``['identity','hflip'],['identity']``) stay
+    whole."""
+    out, depth, quote, cur = [], 0, "", []
+    for ch in values:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur))
+    return [v.strip() for v in out if v.strip()]
+
+
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
     """``["KEY=v1,v2", ...]`` -> ``{KEY: ["v1", "v2"], ...}`` (values stay strings, parsed as config overrides).
+    Commas inside brackets or quotes do not split: ``TEST.AUG.TRANSFORMS=['identity'],['identity','hflip']``.
 
     Raises:
         ValueError: an item without ``=`` or without values, or a key given twice.
@@ -49,7 +72,7 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
     for item in items:
         key, sep, values = item.partition("=")
         key = key.strip()
-        vals = [v.strip() for v in values.split(",") if v.strip()] if sep else []
+        vals = _split_values(values) if sep else []
         if not key or not vals:
             raise ValueError(f"--grid {item!r}: expected KEY=VALUE[,VALUE...], e.g. MODEL.NB.THRESHOLD=0.5,0.7")
         if key in grid:
@@ -136,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="", help="checkpoint (default: the config's MODEL.WEIGHTS)")
     p.add_argument("--dataset", default="kumar_train", help="registered dataset to tune on (default kumar_train)")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                   help="config key and the values to try, e.g. MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5,0.7,0.8")
+                   help="config key and the values to try, e.g. MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5,0.7,0.8 "
+                        "(commas inside brackets or quotes do not split: "
+                        "TEST.AUG.TRANSFORMS=\"['identity'],['identity','hflip']\")")
     p.add_argument("--metric", default="AJI", help="per-image mean to maximise (AJI, PQ, Dice1, F1; default AJI)")
     p.add_argument("--max-images", type=int, default=0, help="tune on the first N images only (0 = all)")
     p.add_argument("--output", default="", help="tuned config to write (default OUTPUT_DIR/tune_inference/tuned.yaml)")
