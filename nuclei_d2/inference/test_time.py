@@ -14,9 +14,11 @@ The wrapper is an ``nn.Module`` with the model contract (``[{"instances": Instan
 
 Dense models (the U-Nets, BRP-Net: :class:`~nuclei_d2.modeling.dense_base.DenseSegmentor`) are merged earlier by
 default (``TEST.MERGE.MODE`` "auto"): the copies' probability maps are mapped back, averaged, and post-processed once
-by the main model (``segment_probs``), the usual TTA of U-Net pipelines -- a watershed or a threshold on averaged maps
-splits and sizes nuclei better than voting on the nuclei each copy made on its own (measured in
-docs/time_to_accuracy.md). Members must then all be dense with the same maps (``prob_names``).
+by the main model (``segment_probs``), the usual TTA of U-Net pipelines: one post-processing run, and the
+watershed or threshold sees maps in which each copy's noise is averaged out. ``"instances"`` (voting on each copy's
+nuclei, as for R-CNNs) works for dense models too; which is better depends on the model and its post-processing
+(measured in docs/time_to_accuracy.md). In "probs" mode members must all be dense with the same maps
+(``prob_names``).
 
 It works with any model returning ``pred_masks``. For R-CNN models (``GeneralizedRCNN`` and subclasses, e.g.
 Mask R-CNN+) the *soft* masks are merged (``TEST.MERGE.SOFT_MASKS``): the mask head's probabilities are pasted into
