@@ -137,6 +137,7 @@ def test_tta_from_config_is_used(tmp_path):
     from nuclei_d2.inference import TestTimeWrapper
 
     assert isinstance(pred.model, TestTimeWrapper) and pred.model.num_predictions == 2
+    assert pred.model.merge_mode == "probs"  # a dense model: maps averaged per tile, then post-processed
     assert isinstance(pred.predict(blob_image(70, 90)), CropMasks)
 
 
