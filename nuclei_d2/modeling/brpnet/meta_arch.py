@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ...structures import label_map_to_instances
 from ..dense_base import DenseSegmentor, dense_base_kwargs
 from .densenet import DenseNetEncoder
 from .proposals import assign_proposal_labels, extract_proposals, proposal_boxes
@@ -310,17 +309,21 @@ class BRPNet(DenseSegmentor):
 
     # ---- inference -------------------------------------------------------------------------------------------------
     def postprocess(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """TAFE + post-processing (the proposals). Used by wrappers that only have the probability maps; the full
-        pipeline with refinement needs the image too (:meth:`inference`)."""
+        """TAFE + post-processing (the proposals) alone; :meth:`segment_probs` adds the refinement, which needs the
+        image."""
         return extract_proposals(probs[0], probs[1], **self.proposal)
 
     @torch.no_grad()
     def segment_probs(self, probs: np.ndarray, image: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Proposals, then (``MODEL.BRPNET.INFERENCE`` "refine", given the ``C x H x W`` 0-255 image at the maps'
-        size) the refinement networks: what wrappers that average the probability maps (TTA, ensembles) run last."""
-        label, scores = extract_proposals(probs[0], probs[1], **self.proposal)
+        size) the refinement networks: the last step of :meth:`inference` and of wrappers that average the
+        probability maps (TTA, ensembles). Records the seconds of each part in ``timings``."""
+        t0 = time.perf_counter()
+        label, scores = self.postprocess(probs)
+        t1 = time.perf_counter()
         if self.inference_mode == "refine" and image is not None and label.any():
             label, scores = self.refine(image, probs[0], probs[1], label)
+        self.timings.update(proposals=t1 - t0, stage2=time.perf_counter() - t1)
         return label, scores
 
     @torch.no_grad()
@@ -336,20 +339,9 @@ class BRPNet(DenseSegmentor):
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
                 image = F.interpolate(image[None].float(), size=(height, width), mode="bilinear",
                                       align_corners=False)[0]
-            t1 = time.perf_counter()
-            arr = probs.numpy()
-            label, scores = extract_proposals(arr[0], arr[1], **self.proposal)
-            t2 = time.perf_counter()
-            if self.inference_mode == "refine" and label.any():
-                label, scores = self.refine(image, arr[0], arr[1], label)
-            t3 = time.perf_counter()
-            self.timings = {"stage1": t1 - t0, "proposals": t2 - t1, "stage2": t3 - t2}
-            need = float(label.max()) * label.size / 2**30 if label.size else 0.0
-            if need > self.max_mask_gb:
-                raise MemoryError(f"{int(label.max())} nuclei on a {height}x{width} image need {need:.1f} GiB of "
-                                  f"pred_masks (MODEL.DENSE.MAX_MASK_GB = {self.max_mask_gb:g})")
-            out: dict[str, Any] = {"instances": label_map_to_instances(label, scores),
-                                   "label_map": torch.from_numpy(label)}
+            self.timings = {"stage1": time.perf_counter() - t0}
+            instances, label = self.postprocess_probs(probs, image)  # proposals, refinement, the pred_masks check
+            out: dict[str, Any] = {"instances": instances, "label_map": torch.from_numpy(label)}
             if self.return_probs:
                 out["probs"] = probs
             results.append(out)
