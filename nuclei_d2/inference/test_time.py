@@ -238,11 +238,7 @@ class TestTimeWrapper(nn.Module):
         if tuple(image.shape[-2:]) != tuple(probs.shape[-2:]):
             image = F.interpolate(image[None].float(), size=tuple(probs.shape[-2:]), mode="bilinear",
                                   align_corners=False)[0]
-        instances, label = main.postprocess_probs(probs, image)
-        out: dict[str, Any] = {"instances": instances, "label_map": torch.from_numpy(label)}
-        if main.return_probs:
-            out["probs"] = probs
-        return out
+        return main.dense_output(probs, image)
 
     @torch.no_grad()
     def forward(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -204,6 +204,17 @@ class DenseSegmentor(nn.Module):
                               "use model.predict_probs() + model.postprocess() (label maps) for images this large")
         return label_map_to_instances(label, scores), label
 
+    def dense_output(self, probs: torch.Tensor, image: torch.Tensor | None = None) -> dict[str, Any]:
+        """One image's output in the project's contract, ``{"instances", "label_map"}`` plus ``"probs"`` when
+        ``return_probs``, from its ``K x H x W`` probabilities at the output resolution (``image``: see
+        :meth:`segment_probs`). The one place the dense output is assembled: this model's inference, BRP-Net's,
+        and the test-time wrapper's averaged maps all end here."""
+        instances, label = self.postprocess_probs(probs, image)
+        out: dict[str, Any] = {"instances": instances, "label_map": torch.from_numpy(label)}
+        if self.return_probs:
+            out["probs"] = probs
+        return out
+
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results = []
@@ -213,9 +224,5 @@ class DenseSegmentor(nn.Module):
             height, width = int(inp.get("height", h)), int(inp.get("width", w))
             if (height, width) != (h, w):  # the mapper resized the image (INPUT.MIN_SIZE_TEST): back to the original
                 probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-            instances, label = self.postprocess_probs(probs)
-            out: dict[str, Any] = {"instances": instances, "label_map": torch.from_numpy(label)}
-            if self.return_probs:
-                out["probs"] = probs
-            results.append(out)
+            results.append(self.dense_output(probs))
         return results

@@ -340,9 +340,5 @@ class BRPNet(DenseSegmentor):
                 image = F.interpolate(image[None].float(), size=(height, width), mode="bilinear",
                                       align_corners=False)[0]
             self.timings = {"stage1": time.perf_counter() - t0}
-            instances, label = self.postprocess_probs(probs, image)  # proposals, refinement, the pred_masks check
-            out: dict[str, Any] = {"instances": instances, "label_map": torch.from_numpy(label)}
-            if self.return_probs:
-                out["probs"] = probs
-            results.append(out)
+            results.append(self.dense_output(probs, image))  # proposals, refinement, the pred_masks check
         return results
