@@ -28,4 +28,7 @@ setup(
         "tifffile",
         "tqdm",
     ],
+    # Whole-slide formats beyond TIFF/SVS (NDPI, MRXS, ...): `pip install nuclei-d2[slides]`, then --backend
+    # tiffslide / openslide (docs/inference.md).
+    extras_require={"slides": ["tiffslide", "openslide-python", "openslide-bin"]},
 )

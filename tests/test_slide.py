@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import tifffile
@@ -9,7 +11,7 @@ from scipy import ndimage
 
 from nuclei_d2.data.io import ImageReadError
 from nuclei_d2.inference import Predictor, RunOptions, load_geojson, predict_file, run_batch
-from nuclei_d2.inference.slide import NoTissueError, open_image, tissue_mask
+from nuclei_d2.inference.slide import NoTissueError, OpenSlideSource, open_image, tissue_mask
 from nuclei_d2.inference.stitching import crops_from_label_map
 
 
@@ -108,3 +110,51 @@ def test_tissue_mask_skips_glass_and_empty_mask_fails(tmp_path):
     assert "glass.tif" in summary.failures[0].error and "tissue mask is empty" in summary.failures[0].error
     with pytest.raises(NoTissueError):
         predict_file(pred, tmp_path / "glass.tif", tmp_path / "o4", opts)
+
+
+def write_svs_like(path, img, tile=(64, 64)):
+    """Level 0 and a 2x reduced level as top-level tiled pages with Aperio descriptions (how SVS files are laid
+    out), which both tiffslide and OpenSlide read as a two-level pyramid."""
+    h, w = img.shape[:2]
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, tile=tile, photometric="rgb", compression="zlib",
+                 description=f"Aperio Image Library v12.0.0\n{w}x{h} [0,0 {w}x{h}] (64x64) |AppMag = 40|MPP = 0.25")
+        tw.write(img[::2, ::2], tile=tile, photometric="rgb", compression="zlib", subfiletype=1,
+                 description=f"Aperio Image Library v12.0.0\n{w // 2}x{h // 2} -> {w // 2}x{h // 2}")
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide"])
+def test_optional_backends_read_levels_regions_and_segment(tmp_path, backend):
+    pytest.importorskip(backend, reason=f"optional whole-slide backend {backend} not installed")
+    img, centres = disc_slide()
+    write_svs_like(tmp_path / "s.tif", img)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. tiffslide's "aliasing TiffSlide to OpenSlide"
+        src = open_image(tmp_path / "s.tif", backend)
+    with src:
+        assert src.level_dims == [(400, 360), (200, 180)] and src.downsample(1) == 2.0
+        assert np.array_equal(src.read_region(0, 37, 50, 130, 200), img[37:167, 50:250])
+        assert np.array_equal(src.read_region(1, 10, 3, 190, 170), img[::2, ::2][10:200, 3:173])
+        if backend == "tiffslide":  # OpenSlide calls this layout "generic-tiff" and reads no Aperio metadata
+            assert src.mpp == 0.25 and src.magnification == 40 and src.level_for_magnification(20) == 1
+    pred = Predictor(tile_fn=dark_blobs, tile_size=96, overlap=32, progress=False)
+    counts = {}
+    for b in ("tifffile", backend):
+        res = predict_file(pred, tmp_path / "s.tif", tmp_path / b, RunOptions(outputs=["geojson"], level=1, backend=b))
+        feats = load_geojson(tmp_path / b / "s.geojson")
+        counts[b] = (res.nuclei, sorted((round(g.centroid.y), round(g.centroid.x)) for g, _ in feats))
+    assert counts[backend] == counts["tifffile"] and counts[backend][0] == len(centres)
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide"])
+def test_optional_backends_name_the_file_they_cannot_open(tmp_path, backend):
+    pytest.importorskip(backend, reason=f"optional whole-slide backend {backend} not installed")
+    (tmp_path / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 20)
+    with pytest.raises(ImageReadError, match=rf"broken\.svs: {backend} cannot open it"):
+        open_image(tmp_path / "broken.svs", backend)
+
+
+def test_missing_backend_says_how_to_install(tmp_path):
+    write_pyramid(tmp_path / "s.tif", disc_slide()[0])
+    with pytest.raises(ImageReadError, match=r"s\.tif: backend 'no_such_slide_lib' is not installed"):
+        OpenSlideSource(tmp_path / "s.tif", "no_such_slide_lib")

@@ -242,13 +242,17 @@ class OpenSlideSource(ImageSource):
         try:
             lib = importlib.import_module(module)
         except ImportError as e:
-            raise ImageReadError(f"{path}: backend {module!r} is not installed (pip install {module})") from e
-        try:
-            self._slide = lib.OpenSlide(str(path))
+            pip = {"openslide": "openslide-python openslide-bin"}.get(module, module)
+            raise ImageReadError(f"{path}: backend {module!r} is not installed (pip install {pip}, or "
+                                 "pip install nuclei-d2[slides] for both whole-slide backends)") from e
+        # tiffslide's class is TiffSlide (its OpenSlide alias warns on every use); openslide's is OpenSlide
+        cls = getattr(lib, "TiffSlide", None) or lib.OpenSlide
+        try:  # tiffslide opens lazily: a broken file fails at the first look at its levels or properties
+            self._slide = cls(str(path))
+            self.level_dims = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
+            props = dict(self._slide.properties)
         except Exception as e:
             raise ImageReadError(f"{path}: {module} cannot open it ({type(e).__name__}: {e})") from e
-        self.level_dims = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
-        props = self._slide.properties
         mpp = props.get("openslide.mpp-x") or props.get("tiffslide.mpp-x")
         mag = props.get("openslide.objective-power") or props.get("tiffslide.objective-power")
         self.mpp = float(mpp) if mpp else None
