@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import CONFIGS
 
 from nuclei_d2.engine import NucleiTrainer, setup_cfg
@@ -98,3 +99,74 @@ def test_tool_takes_weights_for_a_config_whose_own_weights_do_not_exist(tmp_path
                  "MODEL.TILING.STRIDE", "96"]) == 0
     assert "DILATE: 1.0" in (tmp_path / "t.yaml").read_text()
 
+
+
+def _random_checkpoint(config: str, path) -> str:
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], eval_only=True)
+    torch.manual_seed(0)
+    DetectionCheckpointer(NucleiTrainer.build_model(cfg), save_dir=str(path)).save("random")
+    return str(path / "random.pth")
+
+
+def _count_dense_passes(monkeypatch) -> list[int]:
+    """Counts the dense models' forward passes over a whole image (predict_probs calls)."""
+    from nuclei_d2.modeling.dense_base import DenseSegmentor
+
+    calls, original = [0], DenseSegmentor.predict_probs
+
+    def counting(self, image):
+        calls[0] += 1
+        return original(self, image)
+
+    monkeypatch.setattr(DenseSegmentor, "predict_probs", counting)
+    return calls
+
+
+@pytest.mark.parametrize("tta", [False, True], ids=["bare", "tta-probs"])
+def test_post_processing_grid_computes_the_maps_once_with_the_same_numbers(tmp_path, monkeypatch, tta):
+    config = str(CONFIGS / "nb_unet-tiny.yaml")
+    weights = _random_checkpoint(config, tmp_path)
+    opts = ["MODEL.DEVICE", "cpu"]
+    copies = 1
+    if tta:  # two copies whose maps are averaged: the cache holds the averaged maps
+        opts += ["TEST.AUG.ENABLED", "True", "TEST.AUG.TRANSFORMS", "['identity','hflip']", "TEST.MERGE.MODE", "probs"]
+        copies = 2
+    grid = {"MODEL.NB.THRESHOLD": ["0.3", "0.34", "0.36"], "MODEL.NB.MIN_SIZE": ["0", "30"]}
+    calls = _count_dense_passes(monkeypatch)
+    runs = {}
+    for reuse in (True, False):
+        calls[0] = 0
+        rows = tune_inference(config, "nuclei_synth_test", grid, weights=weights, opts=opts, max_images=2,
+                              output_dir=str(tmp_path / f"grid{reuse}"), reuse_maps=reuse)
+        runs[reuse] = (calls[0], {tuple(r["opts"]): r for r in rows})
+    assert runs[True][0] == 2 * copies and runs[False][0] == 6 * 2 * copies
+    reused, full = runs[True][1], runs[False][1]
+    assert reused.keys() == full.keys() and len(full) == 6
+    for point, row in full.items():
+        for k in ("AJI", "PQ", "Dice1", "F1", "n_images"):
+            assert reused[point][k] == pytest.approx(row[k], abs=1e-9), (point, k)
+    assert len({round(r["AJI"], 6) for r in full.values()}) > 1  # the settings do change the result
+
+
+def test_maps_are_recomputed_when_the_grid_changes_more_than_post_processing(tmp_path, monkeypatch):
+    from nuclei_d2.engine.tune_inference import maps_reusable
+    from nuclei_d2.inference.test_time import build_test_time_wrapper
+
+    config = str(CONFIGS / "nb_unet-tiny.yaml")
+    weights = _random_checkpoint(config, tmp_path)
+    calls = _count_dense_passes(monkeypatch)
+    tune_inference(config, "nuclei_synth_test", {"MODEL.NB.THRESHOLD": ["0.3", "0.4"], "MODEL.TILING.STRIDE": ["48"]},
+                   weights=weights, opts=["MODEL.DEVICE", "cpu"], max_images=2, output_dir=str(tmp_path / "g"))
+    assert calls[0] == 2 * 2  # the tiling key changes the maps: every point runs the network
+
+    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu"], eval_only=True)
+    model = NucleiTrainer.build_model(cfg)
+    assert maps_reusable(model, ["MODEL.NB.THRESHOLD", "TEST.NUCLEI_EVAL.IOU_THRESHOLD"])
+    assert not maps_reusable(model, ["MODEL.NB.THRESHOLD", "MODEL.UNET.DROPOUT"])
+    voted = setup_cfg(config, ["MODEL.DEVICE", "cpu", "TEST.AUG.ENABLED", "True", "TEST.MERGE.MODE", "instances"],
+                      eval_only=True)
+    assert not maps_reusable(build_test_time_wrapper(voted, model), ["MODEL.NB.THRESHOLD"])  # votes on nuclei
+    classical = setup_cfg(CLASSICAL, ["MODEL.DEVICE", "cpu"], eval_only=True)
+    assert not maps_reusable(NucleiTrainer.build_model(classical), ["MODEL.CLASSICAL.THRESHOLD_SCALE"])

@@ -231,14 +231,21 @@ class TestTimeWrapper(nn.Module):
         assert total is not None
         return total / self.num_predictions
 
+    # The DenseSegmentor interface of the averaged maps (merge mode "probs"): tools/tune_inference.py caches them.
+    output_probs = mean_probs
+
+    @property
+    def dense_model(self) -> nn.Module:
+        """The model whose post-processing turns the averaged maps into nuclei (the first member)."""
+        return _unwrap(self.models[0])
+
+    def output_image(self, inp: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
+        """The first member's input channels of ``inp`` at ``size``, for its post-processing."""
+        return self.dense_model.output_image(select_channels(inp, self.channels[0]), size)
+
     def _dense_result(self, inp: dict[str, Any]) -> dict[str, Any]:
         probs = self.mean_probs(inp)
-        main = _unwrap(self.models[0])
-        image = select_channels(inp, self.channels[0])["image"]
-        if tuple(image.shape[-2:]) != tuple(probs.shape[-2:]):
-            image = F.interpolate(image[None].float(), size=tuple(probs.shape[-2:]), mode="bilinear",
-                                  align_corners=False)[0]
-        return main.dense_output(probs, image)
+        return self.dense_model.dense_output(probs, self.output_image(inp, probs.shape[-2:]))
 
     @torch.no_grad()
     def forward(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:

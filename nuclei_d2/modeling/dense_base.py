@@ -11,8 +11,13 @@ resizes the probability maps back to the input's ``height`` x ``width``, post-pr
 
 A method subclasses it and provides four things: the networks, :meth:`DenseSegmentor.dense_probs` (normalised
 ``B x C x h x w`` input -> ``B x K x h x w`` probabilities), :meth:`DenseSegmentor.dense_losses` and
-:meth:`DenseSegmentor.postprocess` (``K x H x W`` numpy probabilities -> label map and scores). The methods:
-:class:`nuclei_d2.modeling.nb_unet.NucleusBoundaryUNet` and :class:`nuclei_d2.modeling.two_stage_unet.TwoStageUNet`.
+:meth:`DenseSegmentor.postprocess` (``K x H x W`` numpy probabilities -> label map and scores), and lists in
+``postprocess_keys`` the config keys only its post-processing reads. The methods:
+:class:`nuclei_d2.modeling.nb_unet.NucleusBoundaryUNet`, :class:`nuclei_d2.modeling.two_stage_unet.TwoStageUNet`,
+:class:`nuclei_d2.modeling.brpnet.BRPNet` (whose :meth:`DenseSegmentor.segment_probs` also refines with the image).
+
+Inference is :meth:`DenseSegmentor.output_probs` (maps at the output size) then :meth:`DenseSegmentor.dense_output`
+(post-processing, the contract); test-time wrappers and ``tools/tune_inference.py`` call the two halves apart.
 
 Inputs follow :class:`nuclei_d2.data.mapper.NucleiDatasetMapper`: ``image`` is ``C x H x W`` float 0-255 (RGB +
 extra channels), dense training targets come under ``targets`` (``INPUT.TARGETS``), never computed here.
@@ -52,6 +57,9 @@ class DenseSegmentor(nn.Module):
 
     #: Names of the probability maps :meth:`dense_probs` returns, in channel order.
     prob_names: tuple[str, ...] = ()
+    #: Config keys read only by :meth:`segment_probs` (never by :meth:`output_probs`): a grid over them post-processes
+    #: the same maps, which ``tools/tune_inference.py`` then computes once per image. Leave out any key in doubt.
+    postprocess_keys: tuple[str, ...] = ()
 
     def __init__(self, *, pixel_mean: list[float], pixel_std: list[float], tiling: TilingParams | None = None,
                  return_probs: bool = True, size_divisibility: int = 1, max_mask_gb: float = 8.0):
@@ -216,13 +224,30 @@ class DenseSegmentor(nn.Module):
         return out
 
     @torch.no_grad()
+    def output_probs(self, inp: dict[str, Any]) -> torch.Tensor:
+        """``K x H x W`` probabilities of one batched input at its output size (``height`` x ``width``, where the
+        mapper may have resized the image: ``INPUT.MIN_SIZE_TEST``). Everything before post-processing, so a
+        caller that post-processes the same maps several ways (``tools/tune_inference.py``) computes them once."""
+        probs = self.predict_probs(inp["image"])
+        h, w = probs.shape[-2:]
+        height, width = int(inp.get("height", h)), int(inp.get("width", w))
+        if (height, width) != (h, w):
+            probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return probs
+
+    @staticmethod
+    def output_image(inp: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
+        """The input's ``C x H x W`` image at ``size`` (the output size of :meth:`output_probs`), for
+        :meth:`segment_probs`."""
+        image = inp["image"]
+        if tuple(image.shape[-2:]) != tuple(size):
+            image = F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+        return image
+
+    @torch.no_grad()
     def inference(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         results = []
         for inp in batched_inputs:
-            probs = self.predict_probs(inp["image"])
-            h, w = probs.shape[-2:]
-            height, width = int(inp.get("height", h)), int(inp.get("width", w))
-            if (height, width) != (h, w):  # the mapper resized the image (INPUT.MIN_SIZE_TEST): back to the original
-                probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-            results.append(self.dense_output(probs))
+            probs = self.output_probs(inp)
+            results.append(self.dense_output(probs, self.output_image(inp, probs.shape[-2:])))
         return results

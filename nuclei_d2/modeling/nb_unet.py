@@ -38,6 +38,8 @@ class NucleusBoundaryUNet(DenseSegmentor):
     """``MODEL.META_ARCHITECTURE: NucleusBoundaryUNet`` — see the module docstring."""
 
     prob_names = ("background", "boundary", "inside")
+    postprocess_keys = tuple(f"MODEL.NB.{k}" for k in ("THRESHOLD", "CONNECTIVITY", "DILATION", "MIN_SIZE",
+                                                        "RESTRICT_TO_FOREGROUND"))
 
     @configurable
     def __init__(self, *, unet: UNet, loss_weighting: str = "edge",

@@ -45,6 +45,11 @@ INFERENCE_MODES = ("watershed", "components")
 class TwoStageUNet(DenseSegmentor):
     """``MODEL.META_ARCHITECTURE: TwoStageUNet`` — see the module docstring."""
 
+    # (not INFERENCE: "components" drops the distance map from the probabilities)
+    postprocess_keys = tuple(f"MODEL.TWO_STAGE.{k}" for k in ("THRESHOLD", "CONNECTIVITY", "SIGMA", "SIGMA_FACTOR",
+                                                               "MIN_DISTANCE", "PEAK_THRESHOLD", "MIN_SIZE",
+                                                               "FILL_HOLES", "DILATE"))
+
     @configurable
     def __init__(self, *, seg_net: UNet, dist_net: UNet, train_stage: int = 1, inference: str = "watershed",
                  bce_weight: float = 0.5, dice_weight: float = 1.0, distance_weight: float = 1.0,

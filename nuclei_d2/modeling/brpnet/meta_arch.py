@@ -74,6 +74,10 @@ class BRPNet(DenseSegmentor):
     """``MODEL.META_ARCHITECTURE: BRPNet`` — see the module docstring."""
 
     prob_names = TASKS
+    postprocess_keys = tuple(f"MODEL.BRPNET.{k}" for k in ("INFERENCE", "PROPOSAL_THRESHOLD", "PROPOSAL_DILATION",
+                                                            "PROPOSAL_MIN_SIZE", "CONNECTIVITY", "MARGIN", "SMALL_SIZE",
+                                                            "LARGE_SIZE", "MASK_DILATION", "REFINE_THRESHOLD",
+                                                            "REFINE_BATCH", "MIN_SIZE"))
 
     @configurable
     def __init__(self, *, tafe: TAFE, refine_small: RefineNet, refine_large: RefineNet, train_stage: int = 1,
@@ -331,14 +335,8 @@ class BRPNet(DenseSegmentor):
         results = []
         for inp in batched_inputs:
             t0 = time.perf_counter()
-            probs = self.predict_probs(inp["image"])
-            h, w = probs.shape[-2:]
-            height, width = int(inp.get("height", h)), int(inp.get("width", w))
-            image = inp["image"]
-            if (height, width) != (h, w):
-                probs = F.interpolate(probs[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-                image = F.interpolate(image[None].float(), size=(height, width), mode="bilinear",
-                                      align_corners=False)[0]
+            probs = self.output_probs(inp)
             self.timings = {"stage1": time.perf_counter() - t0}
+            image = self.output_image(inp, probs.shape[-2:])
             results.append(self.dense_output(probs, image))  # proposals, refinement, the pred_masks check
         return results
