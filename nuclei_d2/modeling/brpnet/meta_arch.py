@@ -331,12 +331,10 @@ class BRPNet(DenseSegmentor):
         return label, scores
 
     @torch.no_grad()
-    def inference(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        results = []
-        for inp in batched_inputs:
-            t0 = time.perf_counter()
-            probs = self.output_probs(inp)
-            self.timings = {"stage1": time.perf_counter() - t0}
-            image = self.output_image(inp, probs.shape[-2:])
-            results.append(self.dense_output(probs, image))  # proposals, refinement, the pred_masks check
-        return results
+    def output_probs(self, inp: dict[str, Any]) -> torch.Tensor:
+        """The TAFE's maps (:meth:`DenseSegmentor.output_probs`), timed: starts a new ``timings`` record, which
+        :meth:`segment_probs` completes. The inference loop itself is the dense base class's."""
+        t0 = time.perf_counter()
+        probs = super().output_probs(inp)
+        self.timings = {"stage1": time.perf_counter() - t0}
+        return probs
