@@ -12,7 +12,9 @@ image, the radius only changes the proposals):
     NUCLEI_D2_DATASETS=/root/nd2-datasets python benchmarks/bench_brpnet.py radius --config-file configs/brpnet.yaml \
         --weights output/brpnet/stage2/model_final.pth --dataset kumar_test --radii 0,1,2,3,4 [opts...]
 
-Both print a table; ``time`` also reports the ratio of each part to stage 1, measured in the same run.
+Both print a table; ``time`` also reports the ratio of each part to stage 1, measured in the same run. ``radius``
+also gives the missed (MDR), under- (USR) and over-segmented (OSR) shares of the ground-truth nuclei before and after
+the refinement: where a trained model loses its nuclei (docs/time_to_accuracy.md, "Against the goal").
 """
 
 from __future__ import annotations
@@ -114,11 +116,12 @@ def cmd_radius(args: argparse.Namespace) -> None:
                 acc = sums.setdefault((name, float(radius)), {})
                 for k, v in c.items():
                     acc[k] = acc.get(k, 0.0) + float(v)
-    print(f"{args.dataset} ({len(dicts)} images), weights {args.weights}; pooled AJI / F1 (IoU > 0.5)")
-    print(f"{'method':<12}{'radius':>8}{'AJI':>8}{'F1':>8}{'PQ':>8}")
+    print(f"{args.dataset} ({len(dicts)} images), weights {args.weights}; pooled AJI / F1 (IoU > 0.5) / PQ and the "
+          "missed, under- and over-segmented shares of the ground-truth nuclei")
+    print(f"{'method':<12}{'radius':>8}{'AJI':>8}{'F1':>8}{'PQ':>8}{'MDR':>8}{'USR':>8}{'OSR':>8}")
     for (name, radius), counts in sorted(sums.items()):
         m = metrics_from_counts(counts)
-        print(f"{name:<12}{radius:>8g}{m['AJI']:>8.4f}{m['F1']:>8.4f}{m['PQ']:>8.4f}")
+        print(f"{name:<12}{radius:>8g}" + "".join(f"{m[k]:>8.4f}" for k in ("AJI", "F1", "PQ", "MDR", "USR", "OSR")))
 
 
 def main() -> None:
