@@ -255,6 +255,11 @@ def _worker(root: str, name: str, out_name: str) -> None:
     res = ev.evaluate()
     (root_p / f"{out_name}_rank{rank}.json").write_text(json.dumps({"world": world, "n_scored": n_scored,
                                                                     "results": res}))
+    if world > 1:
+        # Leave together and close the gloo group: a rank exiting while the other still holds the group open
+        # sometimes aborted ("terminate called without an active exception") and failed the test.
+        comm.synchronize()
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
