@@ -16,6 +16,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
 from nuclei_d2.data.io import write_label_map
+from nuclei_d2.engine import leave_process_group
 from nuclei_d2.evaluation import METRIC_KEYS, NucleiEvaluator, aggregate_metrics, compute_metrics
 from nuclei_d2.structures import label_map_to_annotations, label_map_to_instances
 
@@ -255,11 +256,7 @@ def _worker(root: str, name: str, out_name: str) -> None:
     res = ev.evaluate()
     (root_p / f"{out_name}_rank{rank}.json").write_text(json.dumps({"world": world, "n_scored": n_scored,
                                                                     "results": res}))
-    if world > 1:
-        # Leave together and close the gloo group: a rank exiting while the other still holds the group open
-        # sometimes aborted ("terminate called without an active exception") and failed the test.
-        comm.synchronize()
-        torch.distributed.destroy_process_group()
+    leave_process_group()  # as tools/train_net.py does: a rank leaving early could abort the other
 
 
 def _free_port() -> int:

@@ -15,7 +15,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 import nuclei_d2  # noqa: F401  (registers datasets and models)
-from nuclei_d2.engine import ConfigError, NucleiTrainer, setup_cfg
+from nuclei_d2.engine import ConfigError, NucleiTrainer, leave_process_group, setup_cfg
 
 
 def setup(args):
@@ -30,10 +30,13 @@ def main(args):
         model = NucleiTrainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = NucleiTrainer.test(cfg, model)
-        return res if comm.is_main_process() else None
-    trainer = NucleiTrainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+        res = res if comm.is_main_process() else None
+    else:
+        trainer = NucleiTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        res = trainer.train()
+    leave_process_group()
+    return res
 
 
 def cli(argv=None) -> int:

@@ -27,7 +27,7 @@ RANDOM_INIT_OPTS = ("MODEL.WEIGHTS", "", "MODEL.BRPNET.STAGE1_WEIGHTS", "", "MOD
                     "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True")
 
 __all__ = ["RANDOM_INIT_OPTS", "UNTRAINABLE_ARCHITECTURES", "ConfigError", "build_cfg", "check_datasets",
-           "check_weights", "setup_cfg", "write_override_config"]
+           "check_weights", "leave_process_group", "setup_cfg", "write_override_config"]
 
 
 class ConfigError(ValueError):
@@ -186,6 +186,21 @@ def _fall_back_to_cpu(cfg: CfgNode) -> None:
         logging.getLogger("nuclei_d2").warning("MODEL.DEVICE is %r but CUDA is not available: using the CPU",
                                                cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
+
+
+def leave_process_group() -> None:
+    """End of a process started by Detectron2's ``launch``: wait for every rank, then close the process group.
+
+    Ranks other than the main one finish evaluation first (only the main one computes and writes the metrics); one
+    that exited while the others still held the gloo group open sometimes aborted them ("terminate called without an
+    active exception"), failing a run that had done its work. A no-op with one process.
+    """
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    if comm.get_world_size() > 1:
+        comm.synchronize()
+        dist.destroy_process_group()
 
 
 def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool = False,

@@ -361,7 +361,7 @@ def predict_worker(args: Any) -> int:
     """One process of ``tools/predict.py`` (after Detectron2's ``launch``); returns the exit status."""
     from detectron2.utils import comm
 
-    from ..engine.defaults import setup_cfg
+    from ..engine.defaults import leave_process_group, setup_cfg
 
     opts = list(args.opts)
     if args.weights:
@@ -384,6 +384,7 @@ def predict_worker(args: Any) -> int:
             summary = merge_summaries(args.output, world)
     if comm.is_main_process():
         print(summary.format())
+    leave_process_group()
     return 1 if summary.failures else 0
 
 
