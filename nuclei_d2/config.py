@@ -438,6 +438,12 @@ def _add_brpnet_config(cfg: CN) -> None:
     b.PROPOSAL_DILATION = 2.0
     b.PROPOSAL_MIN_SIZE = 10
     b.CONNECTIVITY = 1
+    # Not in the paper: split each seed component by a marker watershed of its distance transform (smoothed by
+    # PROPOSAL_SPLIT_SIGMA_FACTOR x the mean seed radius, markers >= PROPOSAL_SPLIT_MIN_DISTANCE px apart, 0 = half
+    # the mean seed radius) where a faint predicted boundary leaves touching nuclei in one seed.
+    b.PROPOSAL_SPLIT = False
+    b.PROPOSAL_SPLIT_SIGMA_FACTOR = 0.25
+    b.PROPOSAL_SPLIT_MIN_DISTANCE = 0
     # ---- proposal-wise refinement (stage 2) --------------------------------------------------------------------------
     # Square crop around each proposal with MARGIN px; crops up to SMALL_SIZE px go to the small net at SMALL_SIZE^2,
     # larger ones to the large net at LARGE_SIZE^2 (the paper: 12, 48, 176). Inputs zeroed outside the proposal

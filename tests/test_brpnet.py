@@ -156,6 +156,26 @@ def test_extract_proposals_splits_touching_nuclei_and_dilates():
         extract_proposals(sem, bnd[:5])
 
 
+
+def test_extract_proposals_split_separates_a_seed_covering_two_touching_discs():
+    """Two touching discs with no predicted boundary between them give one seed; the distance-watershed split cuts
+    it at the neck into two proposals, and leaves a lone disc whole."""
+    yy, xx = np.mgrid[:40, :60]
+    pair = ((yy - 20) ** 2 + (xx - 18) ** 2 <= 81) | ((yy - 20) ** 2 + (xx - 34) ** 2 <= 81)
+    sem = pair.astype(np.float32)
+    bnd = np.zeros_like(sem)
+    merged, _ = extract_proposals(sem, bnd, dilation=0)
+    assert merged.max() == 1
+    split, scores = extract_proposals(sem, bnd, dilation=0, split=True)
+    assert split.max() == 2 and len(scores) == 2
+    assert split[20, 18] != split[20, 34] and split[20, 18] > 0 and split[20, 34] > 0
+    assert ((split > 0) == pair).all()  # the split only relabels the seed, it adds or drops no pixel
+    lone = ((yy - 20) ** 2 + (xx - 30) ** 2 <= 100).astype(np.float32)
+    one, _ = extract_proposals(lone, bnd, dilation=0, split=True)
+    assert one.max() == 1
+    empty, none = extract_proposals(np.zeros_like(sem), bnd, split=True)
+    assert empty.max() == 0 and len(none) == 0
+
 def test_proposal_boxes_are_centred_squares_with_margin():
     label = np.zeros((50, 50), np.int32)
     label[10:20, 30:34] = 1  # 10 x 4
@@ -421,3 +441,21 @@ def test_paper_config_builds_and_runs():
     with torch.no_grad():
         probs = model.dense_probs(torch.zeros(1, 3, 20, 20))  # not a multiple of 8: padded inside
     assert tuple(probs.shape) == (1, 2, 20, 20) and float(probs.min()) >= 0 and float(probs.max()) <= 1
+
+
+def test_proposal_split_is_set_from_the_config():
+    """MODEL.BRPNET.PROPOSAL_SPLIT* reach the model's proposals (and tune_inference can grid them)."""
+    from detectron2.modeling import build_model
+
+    cfg = tiny_cfg("brpnet-tiny.yaml")
+    cfg.defrost()
+    cfg.MODEL.BRPNET.PROPOSAL_SPLIT = True
+    cfg.MODEL.BRPNET.PROPOSAL_SPLIT_SIGMA_FACTOR = 0.5
+    cfg.MODEL.BRPNET.PROPOSAL_DILATION = 0.0
+    model = build_model(cfg).eval()
+    assert model.proposal["split"] is True and model.proposal["split_sigma_factor"] == 0.5
+    assert "MODEL.BRPNET.PROPOSAL_SPLIT" in model.postprocess_keys
+    yy, xx = np.mgrid[:40, :60]
+    pair = ((yy - 20) ** 2 + (xx - 18) ** 2 <= 81) | ((yy - 20) ** 2 + (xx - 34) ** 2 <= 81)
+    label, _ = model.postprocess(np.stack([pair.astype(np.float32), np.zeros(pair.shape, np.float32)]))
+    assert label.max() == 2

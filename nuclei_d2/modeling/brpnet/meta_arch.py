@@ -74,10 +74,10 @@ class BRPNet(DenseSegmentor):
     """``MODEL.META_ARCHITECTURE: BRPNet`` — see the module docstring."""
 
     prob_names = TASKS
-    postprocess_keys = tuple(f"MODEL.BRPNET.{k}" for k in ("INFERENCE", "PROPOSAL_THRESHOLD", "PROPOSAL_DILATION",
-                                                            "PROPOSAL_MIN_SIZE", "CONNECTIVITY", "MARGIN", "SMALL_SIZE",
-                                                            "LARGE_SIZE", "MASK_DILATION", "REFINE_THRESHOLD",
-                                                            "REFINE_BATCH", "MIN_SIZE"))
+    postprocess_keys = tuple(f"MODEL.BRPNET.{k}" for k in (
+        "INFERENCE", "PROPOSAL_THRESHOLD", "PROPOSAL_DILATION", "PROPOSAL_MIN_SIZE", "CONNECTIVITY", "PROPOSAL_SPLIT",
+        "PROPOSAL_SPLIT_SIGMA_FACTOR", "PROPOSAL_SPLIT_MIN_DISTANCE", "MARGIN", "SMALL_SIZE", "LARGE_SIZE",
+        "MASK_DILATION", "REFINE_THRESHOLD", "REFINE_BATCH", "MIN_SIZE"))
 
     @configurable
     def __init__(self, *, tafe: TAFE, refine_small: RefineNet, refine_large: RefineNet, train_stage: int = 1,
@@ -94,7 +94,8 @@ class BRPNet(DenseSegmentor):
             inference: "refine" (full BRP-Net) or "proposals" (TAFE + post-processing).
             dice_weight, ds_weight, truncation: stage-1 loss = sum over outputs of smooth truncated loss (truncation
                 gamma) + dice_weight x soft Dice; deep-supervision outputs weighted by ds_weight.
-            proposal: keyword arguments of :func:`extract_proposals` (threshold, dilation, min_size, connectivity).
+            proposal: keyword arguments of :func:`extract_proposals` (threshold, dilation, min_size, connectivity,
+                split, split_sigma_factor, split_min_distance).
             margin, small_size, large_size, mask_dilation: patch geometry (:func:`proposal_boxes`,
                 :func:`build_patches`).
             match_iou, focal_gamma, focal_alpha: stage-2 labels (IoU > tau) and focal loss.
@@ -162,7 +163,9 @@ class BRPNet(DenseSegmentor):
             "ds_weight": float(b.DS_WEIGHT),
             "truncation": float(b.TRUNCATION),
             "proposal": {"threshold": float(b.PROPOSAL_THRESHOLD), "dilation": float(b.PROPOSAL_DILATION),
-                         "min_size": int(b.PROPOSAL_MIN_SIZE), "connectivity": int(b.CONNECTIVITY)},
+                         "min_size": int(b.PROPOSAL_MIN_SIZE), "connectivity": int(b.CONNECTIVITY),
+                         "split": bool(b.PROPOSAL_SPLIT), "split_sigma_factor": float(b.PROPOSAL_SPLIT_SIGMA_FACTOR),
+                         "split_min_distance": int(b.PROPOSAL_SPLIT_MIN_DISTANCE)},
             "margin": int(b.MARGIN),
             "small_size": int(b.SMALL_SIZE),
             "large_size": int(b.LARGE_SIZE),

@@ -5,6 +5,9 @@ Chen et al., "Boundary-assisted Region Proposal Networks for Nucleus Segmentatio
 * :func:`extract_proposals` — *boundary-assisted region proposals*: ``semantic - boundary`` probability, thresholded,
   connected components (the boundary prediction separates touching nuclei), each dilated back by a radius (the seeds
   lie inside the nucleus; the paper's Fig. 5a varies this radius). This is also "TAFE + post-processing".
+  Optionally (not in the paper) seed components are split by a marker watershed of their distance transform first:
+  where the predicted boundary is too faint to cut touching nuclei apart, one seed covers several nuclei, and the
+  refinement, which returns one nucleus per proposal, cannot recover them (docs/time_to_accuracy.md).
 * :func:`proposal_boxes` — a square crop around each proposal with a margin (12 px in the paper).
 * :func:`crop_resize` / :func:`paste_back` — the crop resampled to ``S x S`` (the network input) and a patch
   prediction resampled back into the image, with one pixel-centre convention so the round trip is consistent.
@@ -18,13 +21,15 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from ...postprocess import expand_labels, instance_scores, threshold_components
+from ...postprocess import distance_watershed, expand_labels, instance_scores, threshold_components
 
 __all__ = ["assign_proposal_labels", "crop_resize", "extract_proposals", "paste_back", "proposal_boxes"]
 
 
 def extract_proposals(semantic: np.ndarray, boundary: np.ndarray, threshold: float = 0.5, dilation: float = 2.0,
-                      min_size: int = 0, connectivity: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                      min_size: int = 0, connectivity: int = 1, split: bool = False,
+                      split_sigma_factor: float = 0.25, split_min_distance: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Region proposals from the two TAFE probability maps.
 
     Args:
@@ -33,6 +38,10 @@ def extract_proposals(semantic: np.ndarray, boundary: np.ndarray, threshold: flo
         dilation: radius (px, Euclidean) each seed component grows back by; neighbours never overlap.
         min_size: seeds of fewer pixels are dropped (noise).
         connectivity: 1 (4-neighbours) or 2 (8-neighbours) for the components.
+        split: split each seed component by a marker watershed of its Euclidean distance transform
+            (:func:`nuclei_d2.postprocess.distance_watershed` with ``split_sigma_factor`` and ``split_min_distance``:
+            the transform smoothed by ``split_sigma_factor`` x the mean seed radius, markers at least
+            ``split_min_distance`` px apart, ``0``: half the mean seed radius) before growing the seeds back.
 
     Returns:
         ``(label, scores)``: int32 proposal label map 1..N and each proposal's mean ``semantic`` probability.
@@ -44,6 +53,12 @@ def extract_proposals(semantic: np.ndarray, boundary: np.ndarray, threshold: flo
     if dilation < 0:
         raise ValueError(f"the proposal dilation radius must be >= 0 px, got {dilation}")
     seeds = threshold_components(semantic - boundary, threshold, connectivity, min_size)
+    if split and seeds.any():
+        mask = seeds > 0
+        edt = ndimage.distance_transform_edt(mask).astype(np.float32)
+        seeds = distance_watershed(mask.astype(np.float32), edt, threshold=0.5, sigma_factor=split_sigma_factor,
+                                   min_distance=split_min_distance, peak_threshold=0.0, min_size=min_size,
+                                   fill=False, connectivity=connectivity)
     label = expand_labels(seeds, dilation) if dilation > 0 else seeds
     return label, instance_scores(label, semantic)
 
