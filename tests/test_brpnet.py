@@ -156,7 +156,6 @@ def test_extract_proposals_splits_touching_nuclei_and_dilates():
         extract_proposals(sem, bnd[:5])
 
 
-
 def test_extract_proposals_split_separates_a_seed_covering_two_touching_discs():
     """Two touching discs with no predicted boundary between them give one seed; the distance-watershed split cuts
     it at the neck into two proposals, and leaves a lone disc whole."""
@@ -175,6 +174,7 @@ def test_extract_proposals_split_separates_a_seed_covering_two_touching_discs():
     assert one.max() == 1
     empty, none = extract_proposals(np.zeros_like(sem), bnd, split=True)
     assert empty.max() == 0 and len(none) == 0
+
 
 def test_proposal_boxes_are_centred_squares_with_margin():
     label = np.zeros((50, 50), np.int32)
