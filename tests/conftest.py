@@ -41,3 +41,14 @@ def tiny_cfg(config: str = "maskrcnn_baseline-tiny.yaml", *opts: str):
     from nuclei_d2.engine import setup_cfg
 
     return setup_cfg(str(CONFIGS / config), ["MODEL.DEVICE", "cpu", *opts])
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (tools are scripts, not a package), to call its ``main(argv)``."""
+    import importlib.util
+
+    path = REPO / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"nuclei_d2_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
