@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import warnings
 
 import numpy as np
@@ -158,3 +159,129 @@ def test_missing_backend_says_how_to_install(tmp_path):
     write_pyramid(tmp_path / "s.tif", disc_slide()[0])
     with pytest.raises(ImageReadError, match=r"s\.tif: backend 'no_such_slide_lib' is not installed"):
         OpenSlideSource(tmp_path / "s.tif", "no_such_slide_lib")
+
+
+# --- pixel size and magnification from generic TIFF metadata (issue 22) ---------------------------------------------
+
+
+def write_plain_pyramid(path, img, tile=(64, 64), top_level=False, **tags):
+    """A pyramidal TIFF without any Aperio description; ``tags`` (resolution, resolutionunit, metadata, description)
+    go to level 0, the 2x reduced level (a sub-IFD, or with ``top_level`` a second page, which OpenSlide needs)
+    gets none."""
+    with tifffile.TiffWriter(path, ome=tags.pop("ome", False)) as tw:
+        tw.write(img, tile=tile, subifds=0 if top_level else 1, photometric="rgb", compression="zlib", **tags)
+        tw.write(img[::2, ::2], tile=tile, subfiletype=1, photometric="rgb", compression="zlib")
+
+
+def test_resolution_tags_give_pixel_size_and_derived_magnification(tmp_path):
+    img, _ = disc_slide()
+    write_plain_pyramid(tmp_path / "cm.tif", img, resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    write_plain_pyramid(tmp_path / "inch.tif", img, resolution=(50800, 50800), resolutionunit="INCH")
+    with open_image(tmp_path / "cm.tif") as src:
+        assert src.mpp == pytest.approx(0.25) and src.mpp_source == "tiff-resolution"
+        assert src.magnification == pytest.approx(40) and src.magnification_source == "derived"
+        assert src.level_mpp(1) == pytest.approx(0.5)
+        assert src.level_for_magnification(20) == 1 and src.level_for_magnification(40) == 0
+        assert any("derived from the pixel size" in w for w in src.warnings)  # said where the level was chosen
+    with open_image(tmp_path / "inch.tif") as src:  # 50800 dpi = 0.5 µm/px
+        assert src.mpp == pytest.approx(0.5) and src.magnification == pytest.approx(20)
+        assert src.level_for_magnification(20) == 0 and src.level_for_magnification(10) == 1
+
+
+def test_ome_physical_size_and_objective(tmp_path):
+    img, _ = disc_slide()
+    um = {"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+    write_plain_pyramid(tmp_path / "um.ome.tif", img, ome=True, metadata=um)
+    nm = {"PhysicalSizeX": 250, "PhysicalSizeY": 250, "PhysicalSizeXUnit": "nm", "PhysicalSizeYUnit": "nm"}
+    write_plain_pyramid(tmp_path / "nm.ome.tif", img, ome=True, metadata=nm)
+    with open_image(tmp_path / "um.ome.tif") as src:
+        assert src.mpp == pytest.approx(0.5) and src.mpp_source == "ome"
+        assert src.magnification == pytest.approx(20) and src.magnification_source == "derived"
+        assert src.level_for_magnification(10) == 1
+    with open_image(tmp_path / "nm.ome.tif") as src:
+        assert src.mpp == pytest.approx(0.25) and src.magnification == pytest.approx(40)
+    # the objective's NominalMagnification wins over the derived value (a 20x objective scanned at 0.25 µm/px)
+    with tifffile.TiffFile(tmp_path / "nm.ome.tif") as tf:
+        xml = tf.ome_metadata
+    objective = '<Instrument ID="Instrument:0"><Objective ID="Objective:0:0" NominalMagnification="20.0"/></Instrument>'
+    xml = xml.replace('<Image ID="Image:0" Name="Image0">', objective + '<Image ID="Image:0" Name="Image0">'
+                      '<InstrumentRef ID="Instrument:0"/><ObjectiveSettings ID="Objective:0:0"/>')
+    write_plain_pyramid(tmp_path / "obj.ome.tif", img, description=xml.encode(), metadata=None)
+    with open_image(tmp_path / "obj.ome.tif") as src:
+        assert src.mpp == pytest.approx(0.25) and src.mpp_source == "ome"
+        assert src.magnification == 20 and src.magnification_source == "ome"
+        assert src.level_for_magnification(20) == 0 and not src.warnings
+
+
+def test_meaningless_resolution_gives_no_pixel_size(tmp_path):
+    """Screenshots and image editors write 72 or 96 dpi, or a resolution without unit: not a microscope's pixels."""
+    img, centres = disc_slide()
+    tifffile.imwrite(tmp_path / "dpi72.tif", img, photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    tifffile.imwrite(tmp_path / "dpi96.tif", img, photometric="rgb", resolution=(96, 96), resolutionunit="INCH")
+    tifffile.imwrite(tmp_path / "nounit.tif", img, photometric="rgb", resolution=(40000, 40000),
+                     resolutionunit="NONE")
+    tifffile.imwrite(tmp_path / "default.tif", img, photometric="rgb")
+    for name in ("dpi72", "dpi96", "nounit", "default"):
+        with open_image(tmp_path / f"{name}.tif") as src:
+            assert src.mpp is None and src.magnification is None, name
+            with pytest.raises(ImageReadError, match=rf"{name}\.tif: the file records neither its magnification nor"):
+                src.level_for_magnification(20)
+    pred = Predictor(tile_fn=dark_blobs, tile_size=96, overlap=32, progress=False)
+    predict_file(pred, tmp_path / "dpi72.tif", tmp_path / "o", RunOptions(outputs=["csv"]))
+    rows = list(csv.DictReader(open(tmp_path / "o" / "dpi72_nuclei.csv")))
+    assert len(rows) == len(centres) and all(r["area"] and not r["area_um2"] for r in rows)
+
+
+def test_imagej_unit_non_square_pixels_and_garbled_aperio_fields(tmp_path):
+    img, _ = disc_slide(64, 64)
+    # Fiji/ImageJ: pixels per micron in unit-less tags, the unit in its description
+    tifffile.imwrite(tmp_path / "ij.tif", img, imagej=True, resolution=(2.0, 2.0), metadata={"unit": "um"})
+    with open_image(tmp_path / "ij.tif") as src:
+        assert src.mpp == pytest.approx(0.5) and src.mpp_source == "imagej" and src.magnification == pytest.approx(20)
+    tifffile.imwrite(tmp_path / "rect.tif", img, photometric="rgb", resolution=(40000, 20000),
+                     resolutionunit="CENTIMETER")
+    with open_image(tmp_path / "rect.tif") as src:
+        assert src.mpp == pytest.approx(0.25) and any("not square (0.25 x 0.5 µm)" in w for w in src.warnings)
+    # an unparsable Aperio MPP is skipped (it was a ValueError), the resolution tags then give the pixel size
+    tifffile.imwrite(tmp_path / "odd.svs", img, photometric="rgb", resolution=(20000, 20000),
+                     resolutionunit="CENTIMETER", description="Aperio Image Library |AppMag = 20|MPP = .")
+    with open_image(tmp_path / "odd.svs") as src:
+        assert src.mpp == pytest.approx(0.5) and src.mpp_source == "tiff-resolution"
+        assert src.magnification == 20 and src.magnification_source == "aperio"
+
+
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide"])
+def test_optional_backends_pixel_size(tmp_path, backend):
+    """The same pixel size from tiffslide/OpenSlide's properties (from the resolution tags), the same rules."""
+    pytest.importorskip(backend, reason=f"optional whole-slide backend {backend} not installed")
+    img, _ = disc_slide()
+    write_plain_pyramid(tmp_path / "cm.tif", img, top_level=True, resolution=(40000, 40000),
+                        resolutionunit="CENTIMETER")
+    with open_image(tmp_path / "cm.tif", backend) as src:
+        assert src.mpp == pytest.approx(0.25) and src.mpp_source == backend
+        assert src.magnification == pytest.approx(40) and src.magnification_source == "derived"
+        assert src.level_for_magnification(20) == 1
+    write_plain_pyramid(tmp_path / "dpi72.tif", img, top_level=True, resolution=(72, 72), resolutionunit="INCH")
+    with open_image(tmp_path / "dpi72.tif", backend) as src:  # tiffslide's own mpp-x is 352.8 (25400 / 72)
+        assert src.mpp is None and src.magnification is None
+
+
+def test_predict_csv_in_microns_on_a_resolution_tagged_pyramid(tmp_path):
+    """A real (tiny, random-init) model at --magnification 20 on a generic pyramidal TIFF: level 1 is analysed and
+    the CSV has µm measurements from the resolution tags (0.25 µm/px at level 0, so 0.5 at level 1)."""
+    from conftest import tiny_cfg
+
+    from nuclei_d2.engine import RANDOM_INIT_OPTS
+
+    img, _ = disc_slide(256, 256)
+    write_plain_pyramid(tmp_path / "s.tif", img, resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    cfg = tiny_cfg("maskrcnn_baseline-tiny.yaml", *RANDOM_INIT_OPTS, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                   "TEST.DETECTIONS_PER_IMAGE", "20")
+    pred = Predictor(cfg, tile_size=128, overlap=32, batch_size=1, progress=False)
+    res = predict_file(pred, tmp_path / "s.tif", tmp_path / "o", RunOptions(outputs=["csv"], magnification=20))
+    assert res.level == 1 and res.nuclei > 0
+    rows = list(csv.DictReader(open(tmp_path / "o" / "s_nuclei.csv")))
+    assert len(rows) == res.nuclei
+    for r in rows:
+        assert float(r["area_um2"]) == pytest.approx(float(r["area"]) * 0.25, rel=1e-3, abs=1e-3)
+        assert float(r["perimeter_um"]) == pytest.approx(float(r["perimeter"]) * 0.5, rel=1e-3, abs=1e-3)

@@ -14,6 +14,21 @@ Backends, tried in this order by :func:`open_image`:
 
 Pixels always come back as ``H x W x 3`` uint8 RGB; grey, RGBA and 16-bit inputs are converted (and reported in
 :attr:`ImageSource.warnings`) by :func:`nuclei_d2.data.io.to_rgb_uint8`.
+
+Pixel size (``mpp``, microns per level-0 pixel) and magnification, first source that has them wins:
+
+1. Aperio (SVS) description ``MPP = ...`` / ``AppMag = ...``;
+2. OME-XML (OME-TIFF): the first image's ``PhysicalSizeX/Y`` (+ ``...Unit``, default µm) and its objective's
+   ``NominalMagnification``;
+3. resolution tags: TIFF ``XResolution/YResolution`` with ``ResolutionUnit`` inch or centimetre (also tifffile's
+   millimetre/micrometre codes), or ImageJ's own ``unit=`` with unit-less tags, **only if** the pixel size lies in
+   :data:`TAG_MPP_RANGE`: outside it the tags are a writer's default (72 or 96 dpi = 353 or 265 µm/px), not a
+   microscope's; unit "none" is ignored;
+4. (magnification only) derived from the pixel size, ``MAGNIFICATION_TIMES_MPP / mpp`` (0.25 µm/px ~ 40x,
+   0.5 ~ 20x), with ``magnification_source = "derived"``.
+
+The tiffslide/openslide backends take ``<backend>.mpp-x`` / ``objective-power`` from their libraries, with the same
+range check and derived magnification.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +49,22 @@ __all__ = ["ArraySource", "ImageSource", "NoTissueError", "OpenSlideSource", "Ti
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".ndpi", ".scn", ".bif")
 
+#: Pixel sizes (µm) believed from resolution tags (and from the tiffslide/openslide backends, which convert the tags
+#: without a check). Brightfield scans are 0.1-1 µm/px, overviews a few µm; screenshots and image editors write 72,
+#: 96 or 300 dpi (353, 265, 85 µm/px), which would make every nucleus the size of a coin.
+TAG_MPP_RANGE = (0.01, 20.0)
+
+#: Magnification derived from the pixel size when the file records none: ``MAGNIFICATION_TIMES_MPP / mpp``
+#: (0.25 µm/px ~ 40x, 0.5 ~ 20x: the usual whole-slide scanner pairs; a given scanner may differ by ~10%).
+MAGNIFICATION_TIMES_MPP = 10.0
+
+#: Microns per unit of OME ``PhysicalSize*Unit`` and ImageJ ``unit=`` (lower case).
+_UM_PER_UNIT = {"pm": 1e-6, "å": 1e-4, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "micron": 1.0, "microns": 1.0,
+                "mm": 1e3, "cm": 1e4, "m": 1e6, "in": 25400.0, "inch": 25400.0}
+
+#: Microns per unit of TIFF ``ResolutionUnit``: 2 inch, 3 centimetre (TIFF 6.0); 4 mm, 5 µm (tifffile's extension).
+_UM_PER_RESOLUTION_UNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
+
 
 class NoTissueError(ValueError):
     """The tissue mask of a slide is empty: there is nothing to segment."""
@@ -44,15 +76,20 @@ class ImageSource:
     Attributes:
         name: what error messages call it (the file path).
         level_dims: ``(height, width)`` of every level.
-        mpp: microns per pixel at level 0, when the file says it (else None).
-        magnification: objective power at level 0 (e.g. 40), when the file says it (else None).
-        warnings: conversions made to get RGB uint8 (grey, RGBA, 16-bit), one line each.
+        mpp: microns per pixel at level 0, when the file says it (else None; see the module docstring).
+        mpp_source: where ``mpp`` came from ("aperio", "ome", "tiff-resolution", "imagej", "tiffslide", "openslide").
+        magnification: objective power at level 0 (e.g. 40), when the file says it or its pixel size gives it.
+        magnification_source: "aperio", "ome", "tiffslide", "openslide" or "derived" (from ``mpp``).
+        warnings: conversions made to get RGB uint8 (grey, RGBA, 16-bit), non-square pixels, a level chosen from a
+            derived magnification: one line each.
     """
 
     name: str = "<image>"
     level_dims: list[tuple[int, int]]
     mpp: float | None = None
+    mpp_source: str | None = None
     magnification: float | None = None
+    magnification_source: str | None = None
 
     def __init__(self) -> None:
         self.warnings: list[str] = []
@@ -71,12 +108,36 @@ class ImageSource:
                                  f"level(s): {', '.join(f'{h}x{w}' for h, w in self.level_dims)})")
         return int(level)
 
+    def level_mpp(self, level: int) -> float | None:
+        """Microns per pixel of ``level`` (level 0's times the level's downsample), if known."""
+        return None if self.mpp is None else self.mpp * self.downsample(self.check_level(level))
+
     def level_for_magnification(self, magnification: float) -> int:
-        """The level whose magnification is closest to ``magnification`` (needs the file's objective power)."""
+        """The level whose magnification is closest to ``magnification`` (needs the file's objective power or pixel
+        size). A level chosen from a derived magnification is reported in :attr:`warnings` (it is a convention)."""
         if self.magnification is None:
-            raise ImageReadError(f"{self.name}: the file does not record its magnification; choose a level instead")
+            raise ImageReadError(f"{self.name}: the file records neither its magnification nor its pixel size "
+                                 "(no Aperio, OME or microscope-range TIFF resolution metadata); choose a level "
+                                 "(--level) instead")
         mags = [self.magnification / self.downsample(i) for i in range(self.level_count)]
-        return int(np.argmin([abs(math.log(m / magnification)) for m in mags]))
+        level = int(np.argmin([abs(math.log(m / magnification)) for m in mags]))
+        if self.magnification_source == "derived":
+            note = (f"{self.name}: magnification {self.magnification:.3g}x derived from the pixel size "
+                    f"({self.mpp:.4g} µm/px; {MAGNIFICATION_TIMES_MPP:g} / mpp), level {level} chosen on that basis")
+            if note not in self.warnings:
+                self.warnings.append(note)
+        return level
+
+    def _set_scale(self, mpp: float | None, mpp_source: str | None, magnification: float | None,
+                   magnification_source: str | None) -> None:
+        """Record the pixel size and magnification; derive the magnification from the pixel size when missing."""
+        self.mpp, self.mpp_source = (mpp, mpp_source) if mpp else (None, None)
+        if magnification:
+            self.magnification, self.magnification_source = magnification, magnification_source
+        elif self.mpp:
+            self.magnification, self.magnification_source = MAGNIFICATION_TIMES_MPP / self.mpp, "derived"
+        else:
+            self.magnification, self.magnification_source = None, None
 
     def read_region(self, level: int, top: int, left: int, height: int, width: int) -> np.ndarray:
         """``height x width x 3`` uint8 RGB of ``level`` from ``(top, left)`` (inside the level)."""
@@ -169,15 +230,31 @@ class TiffSource(ImageSource):
         self.level_dims = dims
         first = self._pages[0]
         self.warnings = _describe_conversion(first.dtype, int(first.samplesperpixel), self.name)
-        self._parse_metadata(first.description or "")
+        self._parse_metadata(first)
 
-    def _parse_metadata(self, desc: str) -> None:
+    def _parse_metadata(self, page: Any) -> None:
+        """Pixel size and magnification of level 0, in the order of precedence of the module docstring."""
+        desc = page.description or ""
+        mpp, mpp_y, mpp_source, mag, mag_source = None, None, None, None, None
         m = re.search(r"MPP\s*=\s*([0-9.]+)", desc)
-        if m:
-            self.mpp = float(m.group(1))
+        if m and _positive(m.group(1)):
+            mpp, mpp_source = _positive(m.group(1)), "aperio"
         m = re.search(r"AppMag\s*=\s*([0-9.]+)", desc)
-        if m:
-            self.magnification = float(m.group(1))
+        if m and _positive(m.group(1)):
+            mag, mag_source = _positive(m.group(1)), "aperio"
+        if self._tf.is_ome and (mpp is None or mag is None):
+            ome_x, ome_y, ome_mag, notes = _ome_scale(self._tf.ome_metadata or "", self.name)
+            self.warnings += notes
+            if mpp is None and ome_x:
+                mpp, mpp_y, mpp_source = ome_x, ome_y, "ome"
+            if mag is None and ome_mag:
+                mag, mag_source = ome_mag, "ome"
+        if mpp is None:
+            mpp, mpp_y, mpp_source = _resolution_tags_scale(page, self._tf)
+        if mpp and mpp_y and abs(mpp_y / mpp - 1) > 0.01:
+            self.warnings.append(f"{self.name}: pixels are not square ({mpp:.4g} x {mpp_y:.4g} µm): µm measurements "
+                                 "use the width")
+        self._set_scale(mpp, mpp_source, mag, mag_source)
 
     def read_region(self, level: int, top: int, left: int, height: int, width: int) -> np.ndarray:
         page = self._pages[self.check_level(level)]
@@ -253,10 +330,10 @@ class OpenSlideSource(ImageSource):
             props = dict(self._slide.properties)
         except Exception as e:
             raise ImageReadError(f"{path}: {module} cannot open it ({type(e).__name__}: {e})") from e
-        mpp = props.get("openslide.mpp-x") or props.get("tiffslide.mpp-x")
-        mag = props.get("openslide.objective-power") or props.get("tiffslide.objective-power")
-        self.mpp = float(mpp) if mpp else None
-        self.magnification = float(mag) if mag else None
+        # the libraries convert any resolution tags (tiffslide: 72 dpi -> 352.8 µm/px): the same range check as ours
+        mpp = _in_tag_range(_positive(props.get("openslide.mpp-x") or props.get("tiffslide.mpp-x")))
+        mag = _positive(props.get("openslide.objective-power") or props.get("tiffslide.objective-power"))
+        self._set_scale(mpp, module, mag, module)
 
     def read_region(self, level: int, top: int, left: int, height: int, width: int) -> np.ndarray:
         ds = self.downsample(self.check_level(level))
@@ -266,6 +343,86 @@ class OpenSlideSource(ImageSource):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _positive(value: Any) -> float | None:
+    """``value`` as a finite positive float, else None (metadata fields can hold anything)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) and v > 0 else None
+
+
+def _in_tag_range(mpp: float | None) -> float | None:
+    return mpp if mpp is not None and TAG_MPP_RANGE[0] <= mpp <= TAG_MPP_RANGE[1] else None
+
+
+def _length_um(value: Any, unit: Any) -> float | None:
+    """A length in microns from a value and an OME/ImageJ unit name (None when either is unusable)."""
+    v = _positive(value)
+    factor = _UM_PER_UNIT.get(str(unit).strip().lower().replace("\\u00b5", "µ"))
+    return v * factor if v is not None and factor is not None else None
+
+
+def _ome_scale(xml: str, name: str) -> tuple[float | None, float | None, float | None, list[str]]:
+    """``(mpp_x, mpp_y, nominal magnification, notes)`` of the first image of an OME-XML document."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as e:
+        return None, None, None, [f"{name}: unreadable OME-XML ({e}): its pixel size is not used"]
+
+    def local(el: ET.Element) -> str:
+        return el.tag.rsplit("}", 1)[-1]
+
+    image = next((el for el in root.iter() if local(el) == "Image"), None)
+    if image is None:
+        return None, None, None, []
+    pixels = next((el for el in image if local(el) == "Pixels"), None)
+    notes, sizes = [], []
+    for axis in ("X", "Y"):
+        value = None if pixels is None else pixels.get(f"PhysicalSize{axis}")
+        unit = "µm" if pixels is None else pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        size = _length_um(value, unit)
+        if value is not None and size is None:
+            notes.append(f"{name}: OME PhysicalSize{axis}={value!r} {unit!r} is not a length: pixel size not used")
+        sizes.append(size)
+    x, y = sizes
+    if x is None:
+        x, y = y, None
+    objectives = [el for el in root.iter() if local(el) == "Objective"]
+    ref = next((el.get("ID") for el in image if local(el) == "ObjectiveSettings"), None)
+    chosen = [o for o in objectives if o.get("ID") == ref] if ref else objectives if len(objectives) == 1 else []
+    mag = _positive(chosen[0].get("NominalMagnification")) if chosen else None
+    return x, y, mag, notes
+
+
+def _resolution_tags_scale(page: Any, tf: Any) -> tuple[float | None, float | None, str | None]:
+    """``(mpp_x, mpp_y, source)`` from XResolution/YResolution (pixels per unit) when they give a microscope's pixel
+    size (:data:`TAG_MPP_RANGE`); ImageJ's ``unit=`` gives the unit of unit-less tags."""
+
+    def pixels_per_unit(tag_name: str) -> float | None:
+        tag = page.tags.get(tag_name)
+        try:
+            num, den = tag.value
+            return _positive(num / den)
+        except (AttributeError, TypeError, ValueError, ZeroDivisionError):
+            return None
+
+    xres, yres = pixels_per_unit("XResolution"), pixels_per_unit("YResolution")
+    if xres is None:
+        return None, None, None
+    yres = yres or xres
+    unit_tag = page.tags.get("ResolutionUnit")
+    unit = int(unit_tag.value) if unit_tag is not None else 2  # TIFF 6.0: inch when absent
+    if unit in _UM_PER_RESOLUTION_UNIT:
+        per, source = _UM_PER_RESOLUTION_UNIT[unit], "tiff-resolution"
+    elif unit == 1 and tf.is_imagej and _length_um(1, (tf.imagej_metadata or {}).get("unit")):
+        per, source = _length_um(1, tf.imagej_metadata["unit"]), "imagej"
+    else:
+        return None, None, None  # "no absolute unit": an aspect ratio at most
+    x, y = _in_tag_range(per / xres), _in_tag_range(per / yres)
+    return (x, y, source) if x and y else (None, None, None)
 
 
 def open_image(path: str | os.PathLike, backend: str = "auto") -> ImageSource:
