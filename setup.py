@@ -14,6 +14,20 @@ setup(
     description="Published nuclei instance-segmentation methods for H&E histopathology as Detectron2 components",
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
+    # The code is Apache-2.0 like Detectron2 (LICENSE). Data sets and weights trained on them carry their own terms:
+    # README.md, "Licences". SPDX expression (PEP 639) rather than the deprecated "License ::" classifier.
+    license_expression="Apache-2.0",
+    license_files=["LICENSE"],
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+        "Topic :: Scientific/Engineering :: Medical Science Apps.",
+    ],
     python_requires=">=3.10",
     packages=find_packages(include=["nuclei_d2", "nuclei_d2.*"]),
     package_data={"nuclei_d2": ["model_zoo/configs/*.yaml"]},
