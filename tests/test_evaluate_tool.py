@@ -14,7 +14,7 @@ import scipy.stats
 
 from nuclei_d2.data.io import write_label_map
 from nuclei_d2.evaluation import METRIC_KEYS, compare_predictions, compute_metrics, open_label_source, score_sources
-from nuclei_d2.evaluation.offline import load_organ_map, main
+from nuclei_d2.evaluation.offline import load_organ_map
 from nuclei_d2.structures import label_map_to_annotations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,20 +179,26 @@ def test_paired_wilcoxon_comparison(folders):
     want = scipy.stats.wilcoxon(a, b)
     assert rows["AJI"]["p_value"] == pytest.approx(want.pvalue)
     assert rows["AJI"]["statistic"] == pytest.approx(want.statistic)
-    assert rows["AJI"]["n"] == 8 and rows["AJI"]["better"] == "B"
+    assert rows["AJI"]["n"] == 8 and rows["AJI"]["p_value"] < 0.05 and rows["AJI"]["better"] == "B"
     assert rows["AJI"]["mean_diff"] == pytest.approx(np.mean(b) - np.mean(a))
-    assert rows["MDR"]["better"] in ("B", "=")        # lower is better for error rates
+    assert rows["MDR"]["better"] in ("B", "n.s.")     # lower is better for error rates
     assert rows["Hausdorff_obj"]["better"] == "B"
+    for r in rows.values():  # a set is named only where the difference is significant
+        assert (r["better"] in ("A", "B")) == (r["p_value"] < 0.05)
+    named = {r["metric"]: r for r in compare_predictions(rec_a, rec_b, names=("shifted", "clean"), alpha=0.001)}
+    assert named["AJI"]["better"] == ("clean" if rows["AJI"]["p_value"] < 0.001 else "n.s.")
     same = {r["metric"]: r for r in compare_predictions(rec_a, rec_a)}
-    assert same["AJI"]["p_value"] == 1.0 and same["AJI"]["better"] == "="
+    assert same["AJI"]["p_value"] == 1.0 and same["AJI"]["better"] == "n.s."
     with pytest.raises(ValueError, match="different images"):
         compare_predictions(rec_a, rec_b[:-1])
 
 
 def test_main_writes_outputs(folders, capsys):
+    from conftest import load_tool
+
     root, _ = folders
     out = root / "out"
-    code = main(["--gt", str(root / "gt"), "--pred", str(root / "a"), "--pred-b", str(root / "b"),
+    code = load_tool("evaluate").main(["--gt", str(root / "gt"), "--pred", str(root / "a"), "--pred-b", str(root / "b"),
                  "--names", "shifted", "clean", "--organs", str(root / "organs.json"), "--train-organs",
                  "liver,breast", "--output-dir", str(out), "--quiet"])
     assert code == 0
@@ -204,16 +210,23 @@ def test_main_writes_outputs(folders, capsys):
     with open(out / "comparison.csv") as f:
         comp = list(csv.DictReader(f))
     assert [r["metric"] for r in comp] == list(METRIC_KEYS) and "p_value" in comp[0]
+    assert {"mean_shifted", "mean_clean", "mean_diff_clean_minus_shifted"} <= set(comp[0])
+    assert {r["better"] for r in comp} <= {"shifted", "clean", "n.s.", ""}
     results_b = json.loads((out / "results_b.json").read_text())
     assert results_b["settings"]["name"] == "clean" and results_b["summary"]["all"]["n_images"] == 8
     assert (out / "per_image_b.csv").is_file()
 
 
 def test_main_reports_bad_input(folders, capsys):
+    from conftest import load_tool
+
+    main = load_tool("evaluate").main
     root, _ = folders
     assert main(["--gt", str(root / "gt"), "--pred", str(root / "missing_dir")]) == 2
     assert "missing_dir" in capsys.readouterr().err
-    assert main(["--gt", str(root / "gt"), "--pred", str(root / "a"), "--iou-threshold", "1"]) == 2
+    with pytest.raises(SystemExit) as e:  # an argument error: argparse's exit 2, before any import of torch
+        main(["--gt", str(root / "gt"), "--pred", str(root / "a"), "--iou-threshold", "1"])
+    assert e.value.code == 2 and "--iou-threshold" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -226,3 +239,251 @@ def test_script_runs_as_a_file(folders):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "evaluate.py"), "--gt", str(root / "gt"), "--pred",
                            str(root / "nothing_here")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "nothing_here" in proc.stderr
+
+
+# ---- issue 22: duplicates, all-or-nothing, predict's folder, output checks, significance, --help without torch -----
+def _evaluate(argv, capsys):
+    """Run tools/evaluate.py in process; returns (exit code, stdout, stderr)."""
+    from conftest import load_tool
+
+    code = load_tool("evaluate").main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], (n, err)
+
+
+def test_duplicate_coco_image_ids_are_refused(folders, capsys):
+    root, maps = folders
+    gt = _coco(maps, 0)
+    for k in (3, 5):  # three images share id 101 (their annotations too): two would be scored against nothing
+        for a in gt["annotations"]:
+            if a["image_id"] == gt["images"][k]["id"]:
+                a["image_id"] = 101
+        gt["images"][k]["id"] = 101
+    (root / "gt.json").write_text(json.dumps(gt))
+    code, _, err = _evaluate(["--gt", root / "gt.json", "--pred", root / "a", "--output-dir", root / "out"], capsys)
+    assert code == 2
+    _one_line_error(err, "gt.json", "101")
+    assert not (root / "out").exists()
+    # a COCO dataset JSON given as the prediction is checked the same way
+    (root / "gt.json").write_text(json.dumps(_coco(maps, 0)))
+    pred = _coco(maps, 1)
+    for a in pred["annotations"]:
+        if a["image_id"] == pred["images"][2]["id"]:
+            a["image_id"] = pred["images"][6]["id"]
+    pred["images"][2]["id"] = pred["images"][6]["id"]
+    (root / "pred.json").write_text(json.dumps(pred))
+    code, _, err = _evaluate(["--gt", root / "gt.json", "--pred", root / "pred.json"], capsys)
+    assert code == 2
+    _one_line_error(err, "pred.json", str(pred["images"][6]["id"]))
+
+
+def test_two_files_for_one_image_are_ambiguous(folders, capsys):
+    root, maps = folders
+    write_label_map(root / "a" / "img0_labels.png", maps["img0"][1])  # a/ already has img0.tif
+    code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a"], capsys)
+    assert code == 2
+    _one_line_error(err, "img0.tif", "img0_labels.png", "'img0'")
+
+
+def test_bad_second_set_writes_nothing(folders, capsys):
+    root, _ = folders
+    out = root / "out"
+    (img5,) = (root / "b").glob("img5.*")
+    img5.write_bytes(b"not a label map")  # found when B is scored, after A
+    code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--pred-b", root / "b", "--output-dir", out,
+                              "--quiet"], capsys)
+    assert code == 2
+    _one_line_error(err, img5.name)
+    assert not out.exists() or not any(out.iterdir())
+    # a --pred-b that misses an image stops the run before A is even scored
+    img5.unlink()
+    code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--pred-b", root / "b", "--output-dir", out,
+                              "--quiet"], capsys)
+    assert code == 2
+    _one_line_error(err, "img5")
+    assert not out.exists() or not any(out.iterdir())
+    # so does an organ file that is a folder (an OS error: one line naming it, no traceback)
+    write_label_map(root / "b" / "img5.npy", np.zeros((40, 44), np.int32))
+    (root / "organs_dir").mkdir()
+    code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--pred-b", root / "b", "--organs",
+                              root / "organs_dir", "--output-dir", out, "--quiet"], capsys)
+    assert code == 2
+    _one_line_error(err, "organs_dir")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def _predict_style_folder(root: Path, maps: dict, which: int, suffixes=(".tif", ".png", ".npy")) -> Path:
+    """A folder laid out like tools/predict.py's output (names from OUTPUT_KINDS), with every other kind of file."""
+    from nuclei_d2.inference.run import OUTPUT_KINDS
+
+    d = root / f"predict_{which}"
+    d.mkdir()
+    for i, (stem, arrays) in enumerate(maps.items()):
+        suffix = suffixes[i % len(suffixes)]
+        write_label_map(d / OUTPUT_KINDS["labels"].format(stem=stem, label_suffix=suffix), arrays[which])
+        rgb = np.zeros((*arrays[which].shape, 3), np.uint8)
+        from PIL import Image
+
+        Image.fromarray(rgb).save(d / OUTPUT_KINDS["overlay"].format(stem=stem))
+        (d / OUTPUT_KINDS["geojson"].format(stem=stem)).write_text('{"type": "FeatureCollection", "features": []}')
+        (d / OUTPUT_KINDS["csv"].format(stem=stem)).write_text("id,area\n")
+        (d / OUTPUT_KINDS["coco"].format(stem=stem)).write_text("[]")
+        (d / f"{stem}.done.json").write_text("{}")
+    (d / "summary.json").write_text('{"counts": {}}')
+    return d
+
+
+def test_predict_output_folder_is_matched_to_ground_truth(folders, capsys):
+    root, maps = folders
+    pred = _predict_style_folder(root, maps, 1)
+    code, out, err = _evaluate(["--gt", root / "gt", "--pred", pred, "--output-dir", root / "out", "--quiet"],
+                               capsys)
+    assert code == 0, err
+    assert "warn" not in err.lower()  # overlays, GeoJSON, CSV, summary.json: not predictions without ground truth
+    with open(root / "out" / "per_image.csv") as f:
+        rows = {r["image"]: r for r in csv.DictReader(f)}
+    assert set(rows) == set(maps)
+    for name, (g, a, _) in maps.items():
+        assert float(rows[name]["AJI"]) == pytest.approx(compute_metrics(g, a)["AJI"])
+
+
+def test_no_match_is_an_error_whatever_missing_says(folders, capsys):
+    root, maps = folders
+    other = root / "other"
+    for i, (g, _, _) in enumerate(maps.values()):
+        write_label_map(other / f"tile{i}.png", g)
+    for missing in ("error", "empty"):
+        code, out, err = _evaluate(["--gt", root / "gt", "--pred", other, "--missing", missing,
+                                    "--output-dir", root / "out", "--quiet"], capsys)
+        assert code == 2, (missing, out)
+        _one_line_error(err, str(other), "no prediction matched")
+        assert not (root / "out").exists()
+
+
+def test_output_location_is_checked_before_scoring(folders, capsys):
+    root, maps = folders
+    # a prediction whose size is wrong only shows when it is scored: the output error must come first
+    write_label_map(root / "a" / "img7.png", np.zeros((5, 5), np.int32))
+    for f in (root / "a").glob("img7.*"):
+        if f.suffix != ".png":
+            f.unlink()
+    a_file = root / "a_file.txt"
+    a_file.write_text("x")
+    for bad in (a_file, a_file / "sub", a_file / "sub" / "deeper"):
+        code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--output-dir", bad, "--quiet"], capsys)
+        assert code == 2
+        _one_line_error(err, str(bad))
+        assert "img7" not in err
+    # an output file name that is taken by a folder
+    (root / "out" / "per_image.csv").mkdir(parents=True)
+    code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--output-dir", root / "out"], capsys)
+    assert code == 2
+    _one_line_error(err, "per_image.csv")
+
+
+@pytest.mark.skipif(getattr(__import__("os"), "geteuid", lambda: 0)() == 0, reason="root ignores file permissions")
+def test_unreadable_or_unwritable_paths(folders, capsys):
+    import os
+
+    root, _ = folders
+    locked = root / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--output-dir", locked / "out"], capsys)
+        assert code == 2
+        _one_line_error(err, str(locked))
+    finally:
+        os.chmod(locked, 0o700)
+    (root / "organs.json").chmod(0o000)
+    code, _, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--organs", root / "organs.json"], capsys)
+    assert code == 2
+    _one_line_error(err, "organs.json")
+
+
+def test_better_only_when_significant_and_names_everywhere(folders, capsys):
+    root, maps = folders
+    # three images: B better on each, but a Wilcoxon test of 3 pairs cannot reach p < 0.05 (its smallest p is 0.25)
+    for d in ("gt", "a", "b"):
+        for f in (root / d).iterdir():
+            if f.stem not in ("img0", "img1", "img2"):
+                f.unlink()
+    out = root / "out"
+    code, text, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--pred-b", root / "b", "--names",
+                                 "shifted", "clean", "--output-dir", out, "--quiet"], capsys)
+    assert code == 0, err
+    with open(out / "comparison.csv") as f:
+        reader = csv.DictReader(f)
+        comp = {r["metric"]: r for r in reader}
+        header = reader.fieldnames
+    assert "mean_shifted" in header and "mean_clean" in header and not {"mean_a", "mean_b"} & set(header)
+    assert float(comp["AJI"]["p_value"]) >= 0.05
+    assert {r["better"] for r in comp.values()} <= {"n.s.", ""}
+    table = text[text.index("clean vs shifted"):]
+    assert "n.s." in table and "| clean " not in table.split("\n", 1)[1].replace("mean clean", "")
+    # at a looser --alpha the same gap is significant: the better set is named, in the CSV and the table
+    code, text, err = _evaluate(["--gt", root / "gt", "--pred", root / "a", "--pred-b", root / "b", "--names",
+                                 "shifted", "clean", "--alpha", "0.3", "--output-dir", out, "--quiet"], capsys)
+    assert code == 0, err
+    with open(out / "comparison.csv") as f:
+        comp = {r["metric"]: r for r in csv.DictReader(f)}
+    assert comp["AJI"]["better"] == "clean" and float(comp["AJI"]["p_value"]) < 0.3
+
+
+def test_help_and_argument_errors_do_not_import_torch(tmp_path):
+    tool = str(REPO / "tools" / "evaluate.py")
+    for argv, code in ((["--help"], 0), (["--gt", "x"], 2), (["--gt", "x", "--pred", "y", "--iou-threshold", "1"], 2),
+                       (["--gt", "x", "--pred", "y", "--pred-b", "z", "--names", "m", "m"], 2),
+                       (["--gt", "x", "--pred", "y", "--alpha", "0"], 2)):
+        proc = subprocess.run([sys.executable, "-X", "importtime", tool, *argv], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == code, (argv, proc.stderr[-2000:])
+        imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import ")]
+        assert not any(m.split(".")[0] in ("torch", "nuclei_d2", "detectron2", "numpy") for m in imported), argv
+        if code == 2:
+            assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_predict_output_folder_end_to_end(tmp_path, python):
+    """tools/predict.py on two synthetic tiles, then tools/evaluate.py on its output folder as it is."""
+    from PIL import Image
+    from scipy import ndimage
+
+    from nuclei_d2.engine.defaults import RANDOM_INIT_OPTS
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        img = np.full((96, 112, 3), 235, np.uint8)
+        yy, xx = np.mgrid[0:96, 0:112]
+        for _ in range(8):
+            cy, cx = rng.integers(8, 88), rng.integers(8, 104)
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 25] = (80, 50, 140)
+        Image.fromarray(img).save(images / f"tile{i}.png")
+        write_label_map(labels / f"tile{i}.png", ndimage.label(img.mean(axis=2) < 150)[0])
+    out = tmp_path / "predicted"
+    cmd = [python, str(REPO / "tools" / "predict.py"), "--config-file", str(REPO / "configs" /
+           "two_stage_unet-tiny.yaml"), "--input", str(images), "--output", str(out), "--outputs", "labels",
+           "overlay", "geojson", "csv", "--tile-size", "96", "--overlap", "32", "--no-progress",
+           "MODEL.DEVICE", "cpu", *RANDOM_INIT_OPTS]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("*_labels.tif")) == ["tile0_labels.tif", "tile1_labels.tif"]
+    assert (out / "tile0_overlay.png").is_file() and (out / "summary.json").is_file()
+    r = subprocess.run([python, str(REPO / "tools" / "evaluate.py"), "--gt", str(labels), "--pred", str(out),
+                        "--output-dir", str(tmp_path / "scores"), "--quiet", "--no-hausdorff"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(2 images;" in r.stdout
+    with open(tmp_path / "scores" / "per_image.csv") as f:
+        assert sorted(row["image"] for row in csv.DictReader(f)) == ["tile0", "tile1"]

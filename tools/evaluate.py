@@ -2,16 +2,79 @@
 """Score saved nucleus segmentations against ground truth, or compare two prediction sets.
 
     python tools/evaluate.py --gt GT_LABELS/ --pred PRED_LABELS/ [--output-dir out/]
+    python tools/evaluate.py --gt GT_LABELS/ --pred PREDICT_OUTPUT/   # tools/predict.py's folder (<stem>_labels.tif)
     python tools/evaluate.py --gt test_coco.json --pred output/inference/coco_instances_results.json
     python tools/evaluate.py --gt GT/ --pred A/ --pred-b B/ --names unet hovernet   # paired Wilcoxon per metric
     python tools/evaluate.py --gt GT/ --pred P/ --organs metadata.json --train-organs liver,breast,kidney,prostate
 
-Metrics and conventions: docs/metrics.md. Everything lives in nuclei_d2.evaluation.offline.
+Metrics and conventions: docs/metrics.md. The work is done by nuclei_d2.evaluation.offline.run_evaluate.
 """
 
+import argparse
+import logging
 import sys
+from pathlib import Path
 
-from nuclei_d2.evaluation.offline import main
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, standard library only (``--help`` and argument errors never import torch)."""
+    p = argparse.ArgumentParser(
+        prog="tools/evaluate.py",
+        description="Score nucleus instance segmentations (AJI, AJI+, PQ, F1, Dice, Hausdorff, MDR/FDR/USR/OSR) "
+                    "against ground truth, and compare two prediction sets with a paired Wilcoxon test.",
+        epilog="A folder prediction for ground-truth image <stem> is <stem>.<ext> or <stem>_labels.<ext> (what "
+               "tools/predict.py writes; ext: png, tif, tiff, npy); both at once is an error. Overlays "
+               "(*_overlay.png), hidden files and non-label files are ignored. Nothing is written unless every "
+               "input is valid.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--gt", required=True, help="ground truth: folder of label maps or COCO dataset JSON")
+    p.add_argument("--pred", required=True,
+                   help="predictions: folder of label maps (e.g. tools/predict.py's output folder), COCO dataset "
+                        "JSON, or COCO results JSON (needs --gt as COCO JSON)")
+    p.add_argument("--pred-b", help="a second prediction set to compare with --pred (paired Wilcoxon per metric)")
+    p.add_argument("--names", nargs=2, metavar=("A", "B"),
+                   help="names of --pred and --pred-b in the tables and comparison.csv (default: A B)")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="significance level of the paired test: the 'better' column names a set only where p < alpha")
+    p.add_argument("--iou-threshold", type=float, default=0.5,
+                   help="IoU a pair must exceed for F1/precision/recall (PQ always uses 0.5)")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop detections of COCO results below this score")
+    p.add_argument("--no-hausdorff", action="store_true", help="skip the object-level Hausdorff distance")
+    p.add_argument("--missing", choices=("error", "empty"), default="error",
+                   help="ground-truth images without a prediction: stop with an error, or score an empty prediction "
+                        "(a prediction set matching no image at all is an error either way)")
+    p.add_argument("--organs", help="JSON {image name: organ} (or {name: {'organ': ...}}, like MoNuSeg's "
+                                    "metadata.json) for per-organ results")
+    p.add_argument("--train-organs", help="comma-separated organs seen in training, for seen/unseen results")
+    p.add_argument("--output-dir", help="write per-image CSV, JSON summary (and comparison CSV) here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments that need no file (exit 2 with argparse's message otherwise)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not 0.0 <= args.iou_threshold < 1.0:
+        p.error(f"--iou-threshold must be in [0, 1), got {args.iou_threshold:g}")
+    if not 0.0 < args.alpha < 1.0:
+        p.error(f"--alpha must be in (0, 1), got {args.alpha:g}")
+    if args.names and (args.names[0] == args.names[1] or not all(n.strip() for n in args.names)):
+        p.error(f"--names needs two different, non-empty names, got {args.names[0]!r} and {args.names[1]!r}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    from nuclei_d2.evaluation.offline import run_evaluate  # heavy imports (torch via nuclei_d2) only after parsing
+
+    return run_evaluate(args)
+
 
 if __name__ == "__main__":
     sys.exit(main())

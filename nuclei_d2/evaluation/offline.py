@@ -1,17 +1,22 @@
 """Scoring saved predictions: folders of label maps, COCO JSON datasets and COCO results files; A/B comparison.
 
-The logic behind ``tools/evaluate.py`` (which only calls :func:`main`)::
+The logic behind ``tools/evaluate.py`` (whose parser lives in the tool file; it calls :func:`run_evaluate`)::
 
     python tools/evaluate.py --gt labels/ --pred predictions/ --output-dir out/
+    python tools/evaluate.py --gt labels/ --pred predict_out/          # tools/predict.py's output folder as it is
     python tools/evaluate.py --gt test_coco.json --pred coco_instances_results.json
     python tools/evaluate.py --gt labels/ --pred method_a/ --pred-b method_b/   # paired Wilcoxon per metric
 
 Sources (:func:`open_label_source`):
 
-* a **folder** of label maps (``.png``/``.tif``/``.tiff``/``.npy``, 0 = background), images matched by file stem;
+* a **folder** of label maps (``.png``/``.tif``/``.tiff``/``.npy``, 0 = background), images named by file stem.
+  As a prediction, it is matched to the ground truth's names: image ``<stem>`` is ``<stem>.<ext>`` or
+  ``<stem>_labels.<ext>`` (the name ``tools/predict.py`` writes); two files for one image are an error naming both.
+  Hidden files (``.*``, e.g. unfinished temporary files) and predict's RGB overlays (``*_overlay.png``) are not
+  label maps; other files (GeoJSON, CSV, ``*.done.json``, ``summary.json``) have other suffixes and are ignored;
 * a **COCO dataset JSON** (``images`` + ``annotations`` with RLE or polygon masks), images named by the stem of
   their ``file_name``; annotations are painted in order (a later one wins an overlapped pixel), or by score when
-  every annotation has one;
+  every annotation has one. Two images with one id or one name are an error;
 * a **COCO results JSON** (a list of ``{"image_id", "segmentation", "score"}``, e.g. Detectron2's
   ``coco_instances_results.json``) -- only as a prediction, with a COCO dataset JSON as ground truth to map image ids
   to images. Overlapping detections are resolved like the evaluator does: a pixel goes to the highest score (ties:
@@ -24,8 +29,9 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +46,13 @@ from .report import format_summary_table, is_seen, summarize, write_records_csv,
 
 __all__ = [
     "LabelMapSource",
-    "build_parser",
+    "check_coverage",
+    "check_output_dir",
     "compare_predictions",
     "format_comparison_table",
     "load_organ_map",
-    "main",
     "open_label_source",
+    "run_evaluate",
     "score_sources",
     "write_comparison_csv",
 ]
@@ -53,6 +60,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LABEL_SUFFIXES = (".png", ".tif", ".tiff", ".npy")
+#: ``tools/predict.py`` names the label map of image ``<stem>`` ``<stem>_labels.<ext>`` (``OUTPUT_KINDS["labels"]``).
+PREDICT_LABEL_TAG = "_labels"
+#: ... and writes RGB overlays ``<stem>_overlay.png`` beside it, which are pictures, not label maps.
+PREDICT_OVERLAY_TAG = "_overlay"
 
 
 @dataclass
@@ -66,6 +77,8 @@ class LabelMapSource:
     organs: dict[str, str] = field(default_factory=dict)
     image_ids: dict[Any, str] = field(default_factory=dict)  # COCO image id -> name
     sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)  # folder: image name -> label map file
+    unmatched: list[str] | None = None  # folder matched to a reference: its label maps no reference image claims
 
     def __contains__(self, name: str) -> bool:
         return name in self._name_set
@@ -90,41 +103,112 @@ def _paint(annos: list[dict[str, Any]], height: int, width: int, by_score: bool)
     return annotations_to_label_map(annos, height, width)
 
 
+def _is_label_file(f: Path) -> bool:
+    """A candidate label map: a visible file with a label suffix that is not one of predict's RGB overlays."""
+    if f.name.startswith(".") or f.suffix.lower() not in LABEL_SUFFIXES:
+        return False
+    if f.suffix.lower() == ".png" and f.stem.endswith(PREDICT_OVERLAY_TAG):
+        return False
+    return f.is_file()
+
+
+def _duplicates_error(where: Path, groups: Mapping[str, Sequence[Path]]) -> ValueError:
+    shown = "; ".join(f"{name!r}: {' and '.join(f.name for f in files)}" for name, files in groups.items())
+    return ValueError(f"{where}: two label maps for image {shown}" if len(groups) == 1 else
+                      f"{where}: several label maps for {len(groups)} images ({shown})")
+
+
 def _folder_source(folder: Path) -> LabelMapSource:
-    files: dict[str, Path] = {}
+    by_stem: dict[str, list[Path]] = defaultdict(list)
     for f in sorted(folder.iterdir()):
-        if f.is_file() and f.suffix.lower() in LABEL_SUFFIXES and not f.name.startswith("."):
-            if f.stem in files:
-                raise ValueError(f"{folder}: two label maps for image {f.stem!r}: {files[f.stem].name} and {f.name}")
-            files[f.stem] = f
-    if not files:
-        raise ValueError(f"{folder}: no label maps ({', '.join(LABEL_SUFFIXES)}) in this folder")
-    return LabelMapSource(path=folder, kind="folder", names=list(files), loader=lambda n: read_label_map(files[n]))
+        if _is_label_file(f):
+            by_stem[f.stem].append(f)
+    if not by_stem:
+        hint = ""
+        if any(f.name.endswith((".geojson", "_nuclei.csv", ".done.json")) for f in folder.iterdir()):
+            hint = "; tools/predict.py writes them with --outputs labels"
+        raise ValueError(f"{folder}: no label maps ({', '.join(LABEL_SUFFIXES)}) in this folder{hint}")
+    dups = {stem: fs for stem, fs in by_stem.items() if len(fs) > 1}
+    if dups:
+        raise _duplicates_error(folder, dups)
+    files = {stem: fs[0] for stem, fs in by_stem.items()}
+    return LabelMapSource(path=folder, kind="folder", names=list(files), loader=lambda n: read_label_map(files[n]),
+                          files=files)
+
+
+def _match_folder(source: LabelMapSource, names: Sequence[str]) -> LabelMapSource:
+    """The folder's label maps renamed to the reference's image names.
+
+    The prediction of image ``<stem>`` is ``<stem>.<ext>`` or ``<stem>_labels.<ext>`` (tools/predict.py); both at
+    once are ambiguous, an error naming both files. Label maps matching no name are kept in ``unmatched``.
+    """
+    matched: dict[str, Path] = {}
+    dups: dict[str, list[Path]] = {}
+    for name in names:
+        found = [source.files[s] for s in (name, name + PREDICT_LABEL_TAG) if s in source.files]
+        if len(found) > 1:
+            dups[name] = found
+        elif found:
+            matched[name] = found[0]
+    if dups:
+        raise _duplicates_error(source.path, dups)
+    used = {f.name for f in matched.values()}
+    unmatched = [f.name for f in source.files.values() if f.name not in used]
+    return LabelMapSource(path=source.path, kind="folder", names=list(matched),
+                          loader=lambda n: read_label_map(matched[n]), files=matched, unmatched=unmatched)
 
 
 def _coco_source(path: Path, data: Mapping[str, Any]) -> LabelMapSource:
-    names: dict[Any, str] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    organs: dict[str, str] = {}
-    for img in data["images"]:
+    images, annotations = data["images"], data["annotations"]
+    if not isinstance(images, list) or not all(isinstance(img, Mapping) for img in images):
+        raise ValueError(f"{path}: 'images' must be a list of objects")
+    if not isinstance(annotations, list) or not all(isinstance(a, Mapping) for a in annotations):
+        raise ValueError(f"{path}: 'annotations' must be a list of objects")
+    for img in images:
         for key in ("id", "height", "width"):
             if key not in img:
                 raise ValueError(f"{path}: image entry {img.get('file_name', img)} has no {key!r}")
+        if not isinstance(img["id"], (int, str)) or isinstance(img["id"], bool):
+            raise ValueError(f"{path}: image {img.get('file_name', '')!r} has id {img['id']!r}; ids are integers "
+                             "or strings")
+    # Two entries with one id would silently give one image the other's annotations and score the first against
+    # nothing; two with one name would be indistinguishable in the results.
+    id_counts = Counter(img["id"] for img in images)
+    dup_ids = [i for i, c in id_counts.items() if c > 1]
+    if dup_ids:
+        shown = ", ".join(repr(i) for i in dup_ids[:10]) + (" ..." if len(dup_ids) > 10 else "")
+        raise ValueError(f"{path}: duplicate image id(s) {shown} in 'images' ({sum(id_counts[i] for i in dup_ids)} "
+                         "entries); every image needs its own id")
+    ids_by_name: dict[str, list[Any]] = defaultdict(list)
+    for img in images:
         name = Path(str(img["file_name"])).stem if img.get("file_name") else str(img["id"])
-        if name in sizes:
-            raise ValueError(f"{path}: two images are named {name!r}")
+        ids_by_name[name].append(img["id"])
+    dup_names = {n: ids for n, ids in ids_by_name.items() if len(ids) > 1}
+    if dup_names:
+        shown = "; ".join(f"{n!r}: ids {', '.join(repr(i) for i in ids)}" for n, ids in list(dup_names.items())[:5])
+        raise ValueError(f"{path}: several images share a name (the stem of file_name; images are matched by it): "
+                         f"{shown}")
+    names: dict[Any, str] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    organs: dict[str, str] = {}
+    for img in images:
+        name = Path(str(img["file_name"])).stem if img.get("file_name") else str(img["id"])
         names[img["id"]] = name
-        sizes[name] = (int(img["height"]), int(img["width"]))
+        try:
+            sizes[name] = (int(img["height"]), int(img["width"]))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: image {name!r} has a non-integer height or width") from None
         if img.get("organ"):
             organs[name] = str(img["organ"])
     annos: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for k, a in enumerate(data["annotations"]):
-        if a.get("image_id") not in names:
-            raise ValueError(f"{path}: annotation {k} refers to unknown image_id {a.get('image_id')!r}")
+    for k, a in enumerate(annotations):
+        image_id = a.get("image_id")
+        if not isinstance(image_id, (int, str)) or image_id not in names:
+            raise ValueError(f"{path}: annotation {k} refers to unknown image_id {image_id!r}")
         if "segmentation" not in a:
             raise ValueError(f"{path}: annotation {k} has no 'segmentation'; nucleus metrics need masks")
         if not a.get("iscrowd", 0):
-            annos[names[a["image_id"]]].append(a)
+            annos[names[image_id]].append(a)
 
     def load(name: str) -> np.ndarray:
         items = annos.get(name, [])
@@ -146,11 +230,15 @@ def _results_source(path: Path, results: list[Any], reference: LabelMapSource | 
     for k, r in enumerate(results):
         if not isinstance(r, Mapping) or "image_id" not in r or "segmentation" not in r:
             raise ValueError(f"{path}: entry {k} is not a COCO result with 'image_id' and 'segmentation'")
-        if r["image_id"] not in reference.image_ids:
+        if not isinstance(r["image_id"], (int, str)) or r["image_id"] not in reference.image_ids:
             raise ValueError(f"{path}: entry {k} refers to image_id {r['image_id']!r}, which is not in "
                              f"{reference.path}")
-        if float(r.get("score", 1.0)) >= min_score:
-            per_image[reference.image_ids[r["image_id"]]].append({**r, "score": float(r.get("score", 1.0))})
+        try:
+            score = float(r.get("score", 1.0))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: entry {k} has a non-numeric score {r.get('score')!r}") from None
+        if score >= min_score:
+            per_image[reference.image_ids[r["image_id"]]].append({**r, "score": score})
 
     def load(name: str) -> np.ndarray:
         try:
@@ -159,7 +247,7 @@ def _results_source(path: Path, results: list[Any], reference: LabelMapSource | 
             raise ValueError(f"{path}: image {name!r}: {e}") from e
 
     return LabelMapSource(path=path, kind="coco-results", names=list(reference.names), loader=load,
-                          sizes=dict(reference.sizes))
+                          sizes=dict(reference.sizes), unmatched=[])
 
 
 def open_label_source(path: str | Path, reference: LabelMapSource | None = None,
@@ -167,22 +255,26 @@ def open_label_source(path: str | Path, reference: LabelMapSource | None = None,
     """Open a folder of label maps, a COCO dataset JSON or a COCO results JSON (which needs ``reference``).
 
     Args:
-        reference: the ground-truth source, needed to read a COCO results file (image ids -> images, sizes).
+        reference: the ground-truth source. A folder is matched to its image names (``<stem>.<ext>`` or
+            predict's ``<stem>_labels.<ext>``); a COCO results file needs it to map image ids to images and sizes.
         min_score: drop detections of a COCO results file scoring below this.
     """
     path = Path(path)
     if path.is_dir():
-        return _folder_source(path)
+        source = _folder_source(path)
+        return _match_folder(source, reference.names) if reference is not None else source
     if not path.is_file():
+        if any(p.is_file() for p in path.parents):
+            raise FileNotFoundError(f"{path}: no such folder or file (a parent is a file)")
         raise FileNotFoundError(f"{path}: no such folder or file")
     if path.suffix.lower() in LABEL_SUFFIXES:
         raise ValueError(f"{path}: give the folder that holds the label maps, not one file")
     if path.suffix.lower() != ".json":
         raise ValueError(f"{path}: expected a folder of label maps or a COCO .json file")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if isinstance(data, Mapping) and "images" in data and "annotations" in data:
         return _coco_source(path, data)
@@ -198,10 +290,10 @@ def load_organ_map(path: str | Path) -> dict[str, str]:
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: organ map not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a JSON object {{image name: organ}}")
@@ -213,6 +305,29 @@ def load_organ_map(path: str | Path) -> dict[str, str]:
     return out
 
 
+def check_coverage(gt: LabelMapSource, pred: LabelMapSource, missing: str = "error") -> list[str]:
+    """Check that ``pred`` covers ``gt`` before anything is scored; returns the names of ground-truth images without
+    a prediction (only possible with ``missing="empty"``).
+
+    A prediction set that matches none of the ground-truth images is an error whatever ``missing`` says: scoring it
+    would only produce a table of zeros for a naming mistake.
+    """
+    if missing not in ("error", "empty"):
+        raise ValueError(f"missing must be 'error' or 'empty', got {missing!r}")
+    absent = [n for n in gt.names if n not in pred]
+    if gt.names and len(absent) == len(gt.names):
+        shown = ", ".join(gt.names[:3]) + (" ..." if len(gt.names) > 3 else "")
+        theirs = pred.unmatched if pred.unmatched is not None else pred.names
+        seen = f"; it has {', '.join(theirs[:3])}{' ...' if len(theirs) > 3 else ''}" if theirs else ""
+        raise ValueError(f"{pred.path}: no prediction matched any of the {len(gt)} ground-truth images of {gt.path} "
+                         f"({shown}){seen}; a folder's label maps must be named <image>.<ext> or <image>_labels.<ext>")
+    if absent and missing == "error":
+        shown = ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else "")
+        raise ValueError(f"{pred.path}: no prediction for {len(absent)} of {len(gt)} ground-truth images ({shown}); "
+                         "use --missing empty to score them as empty predictions")
+    return absent
+
+
 def score_sources(gt: LabelMapSource, pred: LabelMapSource, *, iou_threshold: float = 0.5, hausdorff: bool = True,
                   missing: str = "error", organs: Mapping[str, str] | None = None,
                   train_organs: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, Any]]:
@@ -220,18 +335,13 @@ def score_sources(gt: LabelMapSource, pred: LabelMapSource, *, iou_threshold: fl
 
     Args:
         missing: what to do with ground-truth images that have no prediction: "error" (default) or "empty"
-            (score an empty prediction). Predictions without ground truth are ignored with a warning.
+            (score an empty prediction). No prediction at all for any image is an error either way
+            (:func:`check_coverage`). Predictions without ground truth are ignored with a warning.
         organs: ``{image name: organ}``; defaults to the organs a COCO ground truth lists.
         train_organs: organs seen in training (for the seen/unseen split).
     """
-    if missing not in ("error", "empty"):
-        raise ValueError(f"missing must be 'error' or 'empty', got {missing!r}")
-    absent = [n for n in gt.names if n not in pred]
-    if absent and missing == "error":
-        shown = ", ".join(absent[:10]) + (" ..." if len(absent) > 10 else "")
-        raise ValueError(f"{pred.path}: no prediction for {len(absent)} of {len(gt)} ground-truth images ({shown}); "
-                         "use --missing empty to score them as empty predictions")
-    extra = [n for n in pred.names if n not in gt]
+    check_coverage(gt, pred, missing)
+    extra = pred.unmatched if pred.unmatched is not None else [n for n in pred.names if n not in gt]
     if extra:
         logger.warning(f"{pred.path}: {len(extra)} predictions have no ground truth and are ignored "
                        f"({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''})")
@@ -243,36 +353,46 @@ def score_sources(gt: LabelMapSource, pred: LabelMapSource, *, iou_threshold: fl
         g = gt.load(name)
         p = pred.load(name) if name in pred else np.zeros(g.shape, dtype=np.int32)
         if g.shape != p.shape:
-            raise ValueError(f"image {name!r}: ground truth ({gt.path}) is {g.shape[0]}x{g.shape[1]} but the "
-                             f"prediction ({pred.path}) is {p.shape[0]}x{p.shape[1]}")
+            where = pred.files.get(name, pred.path)
+            raise ValueError(f"image {name!r}: ground truth ({gt.files.get(name, gt.path)}) is {g.shape[0]}x"
+                             f"{g.shape[1]} but the prediction ({where}) is {p.shape[0]}x{p.shape[1]}")
         organ = organs.get(name)
         records.append({"image": name, "organ": organ, "organ_seen": is_seen(organ, None, train_organs),
                         **compute_metrics(g, p, iou_threshold, hausdorff=hausdorff)})
     return records
 
 
+#: ``better`` when the paired test is not significant at ``alpha`` (or every difference is zero).
+NOT_SIGNIFICANT = "n.s."
+
+
 def compare_predictions(records_a: Sequence[Mapping[str, Any]], records_b: Sequence[Mapping[str, Any]],
-                        keys: Sequence[str] = METRIC_KEYS) -> list[dict[str, Any]]:
+                        keys: Sequence[str] = METRIC_KEYS, *, alpha: float = 0.05,
+                        names: tuple[str, str] = ("A", "B")) -> list[dict[str, Any]]:
     """Paired comparison of two prediction sets on the same images: a two-sided Wilcoxon signed-rank test per metric.
 
     Returns one row per metric: ``n`` (image pairs; NaN values dropped), ``mean_a``, ``mean_b``, ``mean_diff`` and
     ``median_diff`` (B - A), ``statistic`` and ``p_value`` of ``scipy.stats.wilcoxon`` (zero differences dropped,
-    its default), and ``better`` ("A", "B" or "=" by the mean, knowing whether the metric is higher- or lower-better).
-    When every difference is zero the test is undefined: ``p_value`` is 1.0 and ``statistic`` NaN.
+    its default), ``alpha`` and ``better``: the name (from ``names``) of the set with the better mean (knowing
+    whether the metric is higher- or lower-better) only when ``p_value < alpha``; ``"n.s."`` when the difference is
+    not significant; ``""`` when there is nothing to test (no pairs). When every difference is zero the test is
+    undefined: ``p_value`` is 1.0 and ``statistic`` NaN.
     """
     from scipy.stats import wilcoxon
 
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     a_by = {r["image"]: r for r in records_a}
     b_by = {r["image"]: r for r in records_b}
     if set(a_by) != set(b_by):
         only_a, only_b = sorted(set(a_by) - set(b_by)), sorted(set(b_by) - set(a_by))
-        raise ValueError(f"the two prediction sets cover different images (only in A: {only_a[:5]}, only in B: "
-                         f"{only_b[:5]}); a paired test needs the same images")
-    names = [r["image"] for r in records_a]
+        raise ValueError(f"the two prediction sets cover different images (only in {names[0]}: {only_a[:5]}, only in "
+                         f"{names[1]}: {only_b[:5]}); a paired test needs the same images")
+    image_names = [r["image"] for r in records_a]
     rows = []
     for k in keys:
-        a = np.array([float(a_by[n][k]) for n in names])
-        b = np.array([float(b_by[n][k]) for n in names])
+        a = np.array([float(a_by[n][k]) for n in image_names])
+        b = np.array([float(b_by[n][k]) for n in image_names])
         ok = ~(np.isnan(a) | np.isnan(b))
         a, b = a[ok], b[ok]
         d = b - a
@@ -288,19 +408,30 @@ def compare_predictions(records_a: Sequence[Mapping[str, Any]], records_b: Seque
         else:
             res = wilcoxon(a, b)
             row.update(statistic=float(res.statistic), p_value=float(res.pvalue))
-        if not d.size or row["mean_diff"] == 0:
-            row["better"] = "="
-        else:
+        row["alpha"] = alpha
+        if math.isnan(row["p_value"]):
+            row["better"] = ""
+        elif row["p_value"] < alpha and row["mean_diff"] != 0:
             b_higher = row["mean_diff"] > 0
-            row["better"] = "B" if b_higher == HIGHER_IS_BETTER[k] else "A"
+            row["better"] = names[1] if b_higher == HIGHER_IS_BETTER[k] else names[0]
+        else:
+            row["better"] = NOT_SIGNIFICANT
         rows.append(row)
     return rows
 
 
-COMPARISON_COLUMNS = ("metric", "n", "mean_a", "mean_b", "mean_diff", "median_diff", "statistic", "p_value", "better")
+COMPARISON_COLUMNS = ("metric", "n", "mean_a", "mean_b", "mean_diff", "median_diff", "statistic", "p_value", "alpha",
+                      "better")
+
+
+def _comparison_headers(name_a: str, name_b: str) -> list[str]:
+    """CSV column names: the sets' names where the rows say a/b."""
+    return ["metric", "n", f"mean_{name_a}", f"mean_{name_b}", f"mean_diff_{name_b}_minus_{name_a}",
+            f"median_diff_{name_b}_minus_{name_a}", "statistic", "p_value", "alpha", "better"]
 
 
 def format_comparison_table(rows: Sequence[Mapping[str, Any]], name_a: str = "A", name_b: str = "B") -> str:
+    """Text table of :func:`compare_predictions` rows (made with the same names)."""
     from tabulate import tabulate
 
     def f(v: Any) -> str:
@@ -308,21 +439,23 @@ def format_comparison_table(rows: Sequence[Mapping[str, Any]], name_a: str = "A"
             return "nan" if math.isnan(v) else (f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.4f}")
         return str(v)
 
-    headers = ["metric", "n", f"mean {name_a}", f"mean {name_b}", "mean diff (B-A)", "median diff", "W", "p",
-               "better"]
-    body = [[f(r[c]) for c in COMPARISON_COLUMNS] for r in rows]
-    for line in body:
-        line[-1] = {"A": name_a, "B": name_b}.get(line[-1], line[-1])
+    alpha = rows[0]["alpha"] if rows else 0.05
+    headers = ["metric", "n", f"mean {name_a}", f"mean {name_b}", f"mean diff ({name_b} - {name_a})", "median diff",
+               "W", "p", f"better (p < {alpha:g})"]
+    columns = [c for c in COMPARISON_COLUMNS if c != "alpha"]
+    body = [[f(r[c]) for c in columns] for r in rows]
     return tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
-def write_comparison_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+def write_comparison_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], name_a: str = "A",
+                         name_b: str = "B") -> Path:
+    """``comparison.csv`` (written atomically), its columns named after the two sets."""
     import csv
 
     def _write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(COMPARISON_COLUMNS)
+            w.writerow(_comparison_headers(name_a, name_b))
             for r in rows:
                 w.writerow([r[c] for c in COMPARISON_COLUMNS])
 
@@ -330,84 +463,105 @@ def write_comparison_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) ->
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Command line
+# tools/evaluate.py (its parser lives in the tool file, so --help never imports torch)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tools/evaluate.py",
-        description="Score nucleus instance segmentations (AJI, AJI+, PQ, F1, Dice, Hausdorff, MDR/FDR/USR/OSR) "
-                    "against ground truth, and compare two prediction sets with a paired Wilcoxon test.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--gt", required=True, help="ground truth: folder of label maps or COCO dataset JSON")
-    p.add_argument("--pred", required=True,
-                   help="predictions: folder of label maps (matched by file stem), COCO dataset JSON, or COCO "
-                        "results JSON (needs --gt as COCO JSON)")
-    p.add_argument("--pred-b", help="a second prediction set to compare with --pred (paired Wilcoxon per metric)")
-    p.add_argument("--names", nargs=2, metavar=("A", "B"), help="names of --pred and --pred-b in the tables")
-    p.add_argument("--iou-threshold", type=float, default=0.5,
-                   help="IoU a pair must exceed for F1/precision/recall (PQ always uses 0.5)")
-    p.add_argument("--min-score", type=float, default=0.0, help="drop detections of COCO results below this score")
-    p.add_argument("--no-hausdorff", action="store_true", help="skip the object-level Hausdorff distance")
-    p.add_argument("--missing", choices=("error", "empty"), default="error",
-                   help="ground-truth images without a prediction: stop with an error, or score an empty prediction")
-    p.add_argument("--organs", help="JSON {image name: organ} (or {name: {'organ': ...}}, like MoNuSeg's "
-                                    "metadata.json) for per-organ results")
-    p.add_argument("--train-organs", help="comma-separated organs seen in training, for seen/unseen results")
-    p.add_argument("--output-dir", help="write per-image CSV, JSON summary (and comparison CSV) here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
+def check_output_dir(path: str | Path, file_names: Sequence[str] = ()) -> Path:
+    """Check, without creating anything, that ``path`` is or can become a folder where ``file_names`` can be written.
+
+    Run before any scoring, so a bad ``--output-dir`` costs seconds, not a whole evaluation.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path}: --output-dir is a file, not a folder")
+        for name in file_names:
+            if (path / name).is_dir():
+                raise ValueError(f"{path / name}: is a folder; cannot write the results file {name} there")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{path}: --output-dir is not writable")
+        return path
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{path}: cannot create --output-dir: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot create --output-dir: {ancestor} is not writable")
+    return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tools/evaluate.py``; returns the process exit code (2 on bad input)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:
+        msg = str(e.args[0])
+    elif isinstance(e, OSError) and e.filename is not None and e.strerror:
+        msg = f"{e.filename}: {e.strerror}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``tools/evaluate.py`` after parsing: returns the exit status (2 on bad input, one line on stderr).
+
+    Order: the output folder is checked, then every input is opened and checked (ground truth, both prediction
+    sets, the organ file), then everything is scored, and only then are tables printed and files written, so a bad
+    input anywhere leaves no output behind.
+    """
     try:
         return _run(args)
-    except (ValueError, KeyError, FileNotFoundError, ImageReadError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, ImageReadError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.iou_threshold < 1.0:
         raise ValueError(f"--iou-threshold must be in [0, 1), got {args.iou_threshold}")
+    alpha = getattr(args, "alpha", 0.05)
+    name_a, name_b = args.names or ("A", "B")
+    sets = [("", name_a, args.pred)] + ([("_b", name_b, args.pred_b)] if args.pred_b else [])
+    out_dir = None
+    if args.output_dir:
+        files = [f"{stem}{suffix}.{ext}" for suffix, _, _ in sets for stem, ext in (("per_image", "csv"),
+                                                                                   ("results", "json"))]
+        out_dir = check_output_dir(args.output_dir, files + (["comparison.csv"] if args.pred_b else []))
+
+    # 1. open and check every input
     gt = open_label_source(args.gt)
+    preds = [open_label_source(src, reference=gt, min_score=args.min_score) for _, _, src in sets]
+    for pred in preds:
+        check_coverage(gt, pred, args.missing)
     organs = load_organ_map(args.organs) if args.organs else None
     train_organs = [o.strip() for o in args.train_organs.split(",") if o.strip()] if args.train_organs else None
-    name_a, name_b = args.names or ("A", "B")
+
+    # 2. score everything
+    all_records = [score_sources(gt, pred, iou_threshold=args.iou_threshold, hausdorff=not args.no_hausdorff,
+                                 missing=args.missing, organs=organs, train_organs=train_organs,
+                                 progress=not args.quiet) for pred in preds]
+    rows = (compare_predictions(all_records[0], all_records[1], alpha=alpha, names=(name_a, name_b))
+            if args.pred_b else None)
+
+    # 3. report
     settings = {"gt": str(gt.path), "iou_threshold": args.iou_threshold, "pq_iou_threshold": 0.5,
                 "hausdorff": not args.no_hausdorff, "min_score": args.min_score, "missing": args.missing,
                 "train_organs": train_organs}
-    out_dir = Path(args.output_dir) if args.output_dir else None
-
-    sets = [("", name_a, args.pred)] + ([("_b", name_b, args.pred_b)] if args.pred_b else [])
-    all_records = []
-    for suffix, name, src in sets:
-        pred = open_label_source(src, reference=gt, min_score=args.min_score)
-        records = score_sources(gt, pred, iou_threshold=args.iou_threshold, hausdorff=not args.no_hausdorff,
-                                missing=args.missing, organs=organs, train_organs=train_organs,
-                                progress=not args.quiet)
-        summary = summarize(records)
+    summaries = [summarize(records) for records in all_records]
+    for (_, name, _), pred, records, summary in zip(sets, preds, all_records, summaries):
         print(f"\n{name}: {pred.path} ({len(records)} images; F1/precision/recall at IoU > {args.iou_threshold:g}, "
               "PQ at IoU > 0.5)")
         print(format_summary_table(summary))
-        if out_dir:
+    if rows is not None:
+        print(f"\n{name_b} vs {name_a}: paired two-sided Wilcoxon signed-rank test per metric "
+              f"({len(all_records[0])} images); 'better' names a set only where p < {alpha:g}, n.s. otherwise")
+        print(format_comparison_table(rows, name_a, name_b))
+    if out_dir:
+        for (suffix, name, _), pred, records, summary in zip(sets, preds, all_records, summaries):
             write_records_csv(out_dir / f"per_image{suffix}.csv", records)
             write_results_json(out_dir / f"results{suffix}.json", records, summary,
-                               {**settings, "pred": str(pred.path), "name": name})
-        all_records.append(records)
-    if args.pred_b:
-        rows = compare_predictions(all_records[0], all_records[1])
-        print(f"\n{name_b} vs {name_a}: paired two-sided Wilcoxon signed-rank test per metric "
-              f"({len(all_records[0])} images)")
-        print(format_comparison_table(rows, name_a, name_b))
-        if out_dir:
-            write_comparison_csv(out_dir / "comparison.csv", rows)
-    if out_dir:
+                               {**settings, "pred": str(pred.path), "name": name, "alpha": alpha})
+        if rows is not None:
+            write_comparison_csv(out_dir / "comparison.csv", rows, name_a, name_b)
         print(f"\nresults written to {out_dir}")
     return 0
