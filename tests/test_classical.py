@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, load_tool
 
 from nuclei_d2.data.synthetic import make_synthetic_tile
 from nuclei_d2.engine import setup_cfg
@@ -152,7 +152,7 @@ def test_tuner_finds_the_best_grid_point_and_writes_a_loadable_config(tmp_path):
 
 
 def test_tune_tool_rejects_other_architectures_and_unknown_datasets(tmp_path, capsys):
-    from nuclei_d2.engine.tune_classical import main
+    main = load_tool("tune_classical").main
 
     assert main(["--config-file", str(CONFIGS / "nb_unet-tiny.yaml"), "--no-progress"]) == 2
     assert "ClassicalWatershed" in capsys.readouterr().err
@@ -160,8 +160,15 @@ def test_tune_tool_rejects_other_architectures_and_unknown_datasets(tmp_path, ca
     assert "no_such_dataset" in capsys.readouterr().err
 
 
+def test_tune_tool_defaults_are_the_packages_grid():
+    """The tool repeats DEFAULT_GRID so that its --help needs no torch: the two must agree."""
+    from nuclei_d2.engine.tune_classical import DEFAULT_GRID
+
+    assert load_tool("tune_classical").DEFAULT_GRID == DEFAULT_GRID
+
+
 def test_tune_tool_end_to_end_on_synthetic_tiles(tmp_path, capsys):
-    from nuclei_d2.engine.tune_classical import main
+    main = load_tool("tune_classical").main
 
     out = tmp_path / "tuned.yaml"
     rc = main(["--config-file", CONFIG, "--dataset", "nuclei_synth_test", "--threshold-scale", "0.9", "1.1",

@@ -29,7 +29,7 @@ from ..data.io import read_image_rgb
 from ..evaluation.metrics import compute_metrics
 from ..modeling.classical_watershed import ClassicalParams, classical_watershed, hematoxylin_foreground
 
-__all__ = ["DEFAULT_GRID", "main", "tune_classical", "write_tuned_config"]
+__all__ = ["DEFAULT_GRID", "run", "tune_classical", "write_tuned_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,27 +112,9 @@ def write_tuned_config(path: str | os.PathLike, base_config: str | os.PathLike, 
     return write_override_config(path, base_config, params.to_config_opts(), comment)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tune_classical.py",
-        description="Tune the classical floor (deconvolution + Otsu + distance watershed) on a registered dataset "
-                    "and write the best parameters as a config file.")
-    p.add_argument("--config-file", default="configs/classical_watershed.yaml", help="the config to tune")
-    p.add_argument("--dataset", default="kumar_train", help="registered dataset to tune on (default kumar_train)")
-    p.add_argument("--metric", default="AJI", help="per-image mean to maximise (AJI, PQ, Dice1, F1; default AJI)")
-    p.add_argument("--threshold-scale", type=float, nargs="+", default=list(DEFAULT_GRID["threshold_scale"]))
-    p.add_argument("--sigma-factor", type=float, nargs="+", default=list(DEFAULT_GRID["sigma_factor"]))
-    p.add_argument("--min-size", type=int, nargs="+", default=list(DEFAULT_GRID["min_size"]))
-    p.add_argument("--max-images", type=int, default=0, help="use only the first N images (0 = all)")
-    p.add_argument("--output", default="", help="tuned config to write (default OUTPUT_DIR/tuned.yaml)")
-    p.add_argument("--top", type=int, default=10, help="rows of the result table to print")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``tools/tune_classical.py``, after parsing (its parser lives in the tool, so --help needs no torch): tune on
+    ``args.dataset``, print the table, write the tuned config. Returns the exit status (2 for bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from detectron2.data import DatasetCatalog
     from tabulate import tabulate
