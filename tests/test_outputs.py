@@ -151,3 +151,13 @@ def test_abort_leaves_nothing(tmp_path, tile):
     w_.add(records)
     w_.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_abort_removes_the_temp_file_when_closing_it_fails(tmp_path):
+    """A full disk fails the flush in ``close``; ``abort`` must still remove the hidden temporary file."""
+    w_ = CsvWriter(tmp_path / "m.csv")
+    w_.f.close()
+    w_.f = open("/dev/full", "w")  # every flush fails with ENOSPC
+    w_.f.write("x" * 10)
+    w_.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -4,14 +4,74 @@ per-nucleus CSV measurements and overlays. See docs/inference.md.
 
     python tools/predict.py --config-file configs/maskrcnn_baseline.yaml --weights model_final.pth \\
         --input slides/ --output out --outputs geojson csv overlay --tissue-mask MODEL.DEVICE cpu
+    python tools/predict.py --config-file configs/two_stage_unet.yaml --weights model_final.pth \\
+        --input "slides/*.svs" --output out --magnification 20 --shard 0/4
+    python tools/predict.py --config-file configs/classical_watershed.yaml --input tile.png --output out
+
+A killed run resumes when started again with the same command: finished inputs are skipped and the finished tiles of
+an interrupted slide (kept in <output>/<stem>.partial/) are reused.
 """
 
+import argparse
 import logging
 import sys
+from pathlib import Path
 
-import nuclei_d2  # noqa: F401  (registers datasets and models)
-from nuclei_d2.inference.run import predict_main
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
+
+#: The output kinds of nuclei_d2.inference.run.OUTPUT_KINDS (listed here so --help needs no torch; a test keeps
+#: the two in step).
+OUTPUT_KINDS = ("geojson", "coco", "labels", "csv", "overlay")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (standard library only: ``--help`` and argument errors never import torch)."""
+    p = argparse.ArgumentParser(
+        description="Segment nuclei in images, folders, large tiles and whole slides with any nuclei-d2 model.",
+        epilog="Example: python tools/predict.py --config-file configs/maskrcnn_baseline.yaml --weights "
+               "model_final.pth --input slides/*.svs --output out --outputs geojson csv --level 0 --tissue-mask. "
+               "Exit status: 0 all done, 1 some inputs failed, 2 bad config, arguments or output folder, "
+               "130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the same command to resume).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config-file", required=True, help="model config (the one it was trained with)")
+    p.add_argument("--weights", default=None, help="trained weights (sets MODEL.WEIGHTS)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickled weights (.pkl; sets MODEL.CHECKPOINT.ALLOW_PICKLE True). Unpickling a "
+                        "file can run arbitrary code: use it only for files you trust")
+    p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
+    p.add_argument("--output", required=True, help="output folder (checked for writing before anything else)")
+    p.add_argument("--outputs", nargs="+", default=None, choices=list(OUTPUT_KINDS),
+                   help="what to write (default INFERENCE.OUTPUTS)")
+    p.add_argument("--level", type=int, default=0, help="pyramid level of slides to analyse (0 = full resolution)")
+    p.add_argument("--magnification", type=float, default=None,
+                   help="analyse the slide level closest to this objective power (e.g. 20)")
+    p.add_argument("--tissue-mask", action="store_true", help="skip tiles without tissue (thumbnail mask)")
+    p.add_argument("--tissue-threshold", type=float, default=0.08, help="optical density threshold of the mask")
+    p.add_argument("--tile-size", type=int, default=None, help="tile side in px (default INFERENCE.TILE_SIZE)")
+    p.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default INFERENCE.OVERLAP)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (INFERENCE.BATCH_SIZE)")
+    p.add_argument("--label-format", default=".tif", choices=[".tif", ".png", ".npy"], help="label map format")
+    p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "tiffslide", "openslide", "pil"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo inputs whose outputs are complete (and discard the finished tiles of interrupted ones)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", default="0/1", help="K/N: process only the K-th of N shards of the inputs")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (Detectron2 launch)")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto")
+    p.add_argument("opts", nargs="*", default=[], help="KEY VALUE config overrides (e.g. MODEL.DEVICE cpu)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from nuclei_d2.inference.run import run_predict  # heavy imports (torch, detectron2) only after parsing
+
+    return run_predict(args)
+
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(predict_main())
+    sys.exit(main())

@@ -182,8 +182,13 @@ class _StreamWriter:
         return self.path
 
     def abort(self) -> None:
-        self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        """Remove the temporary file, whatever state it is in (closing it can fail: a full disk fails the flush)."""
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 class GeoJSONWriter(_StreamWriter):

@@ -9,16 +9,31 @@
 * **Failures**: an unreadable file, an unsupported format, a level that does not exist or an empty tissue mask is
   reported with a one-line message naming the file; the batch goes on; the summary lists every failure (and every
   conversion warning: grey, RGBA, 16-bit), and is written to ``summary[_rank<r>].json``.
+* **Output folder**: checked (created, a file written and removed) before the model is built or any input read, so
+  an unusable ``--output`` fails at once with one line naming it.
+* **Interrupts**: SIGINT (Ctrl-C) and SIGTERM become :class:`Interrupted`: the file being predicted removes its
+  temporary outputs, the summary (done, interrupted, not started, how to resume) is printed and written, and the
+  exit status is ``128 + signal`` (130, 143). Temporary files a hard kill (SIGKILL) leaves behind are removed by
+  the next run (:func:`remove_stale_temps`, this run's own names only).
+* **Slide resume**: the finished tiles of an input of several tiles are kept in ``<stem>.partial/``
+  (:mod:`nuclei_d2.inference.resume`) until its outputs are written; a rerun predicts only the other tiles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import json
 import logging
 import os
+import re
+import signal
+import sys
+import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +47,14 @@ from .outputs import (
     OverlayWriter,
     make_records,
 )
-from .predictor import Predictor
-from .slide import TIFF_SUFFIXES, NoTissueError, open_image, tissue_mask
+from .predictor import Predictor, TileResult, _has_tissue
+from .resume import TileStore, partial_dir
+from .slide import TIFF_SUFFIXES, ImageSource, NoTissueError, open_image, tissue_mask
+from .stitching import Tile, owned_selection
 
-__all__ = ["OUTPUT_KINDS", "FileResult", "RunOptions", "RunSummary", "collect_inputs", "is_done", "merge_summaries",
-           "output_paths", "predict_file", "run_batch"]
+__all__ = ["OUTPUT_KINDS", "FileResult", "Interrupted", "OutputError", "RunOptions", "RunSummary", "collect_inputs",
+           "is_done", "merge_summaries", "output_paths", "predict_file", "prepare_output_dir", "remove_stale_temps",
+           "run_batch", "run_predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +67,92 @@ OUTPUT_KINDS = {
     "overlay": "{stem}_overlay.png",
 }
 INPUT_SUFFIXES = tuple(sorted(set(IMAGE_SUFFIXES) | set(TIFF_SUFFIXES)))
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used (it is a file, lies under a file, or cannot be written). Names the path."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM; :func:`run_batch` attaches the summary of what it finished."""
+
+    def __init__(self, signum: int = signal.SIGINT, summary: RunSummary | None = None):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.summary = summary
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def raise_on_signals(signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[None]:
+    """Turn SIGINT / SIGTERM into :class:`Interrupted` inside the block, so ``finally`` / ``except`` clean-ups run
+    (temporary outputs removed, summary written) instead of the process dying where it stands. A second signal
+    during that clean-up is ignored. Outside the main thread (where Python cannot install handlers) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if fired:  # already shutting down cleanly
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signums}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def prepare_output_dir(output_dir: str | os.PathLike) -> list[Path]:
+    """Create the output folder and check that a file can be written in it, before any work is done.
+
+    Returns:
+        the folders this call created (outermost first), so a run that fails before writing can remove them.
+
+    Raises:
+        OutputError: one line naming the path: it is a file, lies under a file, or cannot be created or written.
+    """
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: the output folder is a file (give a folder for --output)")
+    created, p = [], out
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise OutputError(f"{out}: cannot create the output folder: {p} is a file, not a folder")
+    created.reverse()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        _remove_empty(created)
+        what = "create" if not out.is_dir() else "write in"
+        raise OutputError(f"{out}: cannot {what} the output folder ({e.strerror or e})") from e
+    return created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (outermost first) if they are empty: a run that wrote nothing leaves nothing."""
+    for d in reversed(list(folders)):
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 @dataclass
@@ -65,6 +169,8 @@ class RunOptions:
         overwrite: redo files whose outputs are complete.
         backend: image reader (see :func:`nuclei_d2.inference.slide.open_image`).
         class_names: names of the classes for GeoJSON.
+        resume: keep the finished tiles of inputs of several tiles in ``<stem>.partial/`` and reuse them after a
+            kill (:mod:`nuclei_d2.inference.resume`).
     """
 
     outputs: Sequence[str] = ("geojson", "csv")
@@ -76,6 +182,7 @@ class RunOptions:
     overwrite: bool = False
     backend: str = "auto"
     class_names: list[str] | None = None
+    resume: bool = True
 
     def __post_init__(self) -> None:
         bad = [o for o in self.outputs if o not in OUTPUT_KINDS]
@@ -90,7 +197,7 @@ class FileResult:
     """What happened to one input."""
 
     input: str
-    status: str  # "done", "skipped" (already done), "failed"
+    status: str  # "done", "skipped" (already done), "failed", "interrupted", "not started"
     outputs: dict[str, str] = field(default_factory=dict)
     nuclei: int = 0
     tiles: int = 0
@@ -98,11 +205,13 @@ class FileResult:
     level: int = 0
     error: str = ""
     warnings: list[str] = field(default_factory=list)
+    reused_tiles: int = 0  # tiles loaded from <stem>.partial/ (finished before an interruption), not predicted
 
 
 @dataclass
 class RunSummary:
     results: list[FileResult] = field(default_factory=list)
+    interrupted: str = ""  # the signal that stopped the run ("SIGINT", "SIGTERM"), if one did
 
     @property
     def failures(self) -> list[FileResult]:
@@ -110,22 +219,40 @@ class RunSummary:
 
     def counts(self) -> dict[str, int]:
         out = {"done": 0, "skipped": 0, "failed": 0}
+        if self.interrupted:
+            out.update({"interrupted": 0, "not started": 0})
         for r in self.results:
             out[r.status] = out.get(r.status, 0) + 1
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": self.counts(), "files": [asdict(r) for r in self.results]}
+        out = {"counts": self.counts(), "files": [asdict(r) for r in self.results]}
+        if self.interrupted:
+            out["interrupted"] = self.interrupted
+        return out
 
     def format(self) -> str:
         c = self.counts()
-        lines = [f"{len(self.results)} input(s): {c['done']} done, {c['skipped']} skipped (already done), "
-                 f"{c['failed']} failed"]
+        head = (f"{len(self.results)} input(s): {c['done']} done, {c['skipped']} skipped (already done), "
+                f"{c['failed']} failed")
+        if self.interrupted:
+            head += f", {c['interrupted']} interrupted, {c['not started']} not started"
+        lines = [head]
         for r in self.results:
             for w in r.warnings:
                 lines.append(f"  warning: {w}")
         for r in self.failures:
             lines.append(f"  FAILED {r.input}: {r.error}")
+        if self.interrupted:
+            for r in self.results:
+                if r.status == "interrupted":
+                    lines.append(f"  INTERRUPTED {r.input}: {r.error}")
+            waiting = [r.input for r in self.results if r.status == "not started"]
+            if waiting:
+                more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+                lines.append(f"  not started: {', '.join(waiting[:5])}{more}")
+            lines.append(f"Interrupted by {self.interrupted}. To resume, run the same command again: finished "
+                         "inputs are skipped and the finished tiles of an interrupted slide are reused.")
         return "\n".join(lines)
 
 
@@ -198,9 +325,117 @@ def is_done(output_dir: str | os.PathLike, stem: str, options: RunOptions) -> bo
     return all(k in done.get("outputs", {}) and p.is_file() for k, p in paths.items())
 
 
+def _output_names(stem: str) -> list[str]:
+    """Every file name a run may write for input ``stem`` (all kinds and label formats, and the done-marker)."""
+    names = {OUTPUT_KINDS[k].format(stem=stem, label_suffix=sfx) for k in OUTPUT_KINDS for sfx in (".tif", ".png",
+                                                                                                      ".npy")}
+    return sorted(names | {f"{stem}.done.json"})
+
+
+#: ``.<name's stem>.<8 random characters>.tmp<name's suffix>``: the temporary files of
+#: :func:`nuclei_d2.data.io.atomic_write` and of the streaming writers (``tempfile.mkstemp`` names).
+_TEMP_NAME = re.compile(r"^\.(?P<stem>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]+)$")
+
+
+def remove_stale_temps(output_dir: str | os.PathLike, names: Sequence[str]) -> list[Path]:
+    """Remove the temporary files a killed run left for the output files ``names`` (see :data:`_TEMP_NAME`).
+
+    Only temporaries of these names are touched: other files, and other shards' temporaries (their inputs' names
+    are not in ``names``), stay. Returns the removed paths.
+    """
+    wanted = {(Path(n).stem, Path(n).suffix) for n in names}
+    removed = []
+    for p in Path(output_dir).iterdir():
+        m = _TEMP_NAME.match(p.name)
+        if m and (m["stem"], m["suffix"]) in wanted and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _tiles(predictor: Predictor, src: ImageSource, level: int, tissue: Any, tissue_ds: float) -> list[Tile]:
+    """The tiles :meth:`Predictor.iter_tiles` visits (the grid, minus tiles without tissue)."""
+    height, width = src.level_dims[level]
+    tiles = list(predictor.grid(height, width))
+    if tissue is not None:
+        scale = src.downsample(level) / tissue_ds
+        tiles = [t for t in tiles if _has_tissue(tissue, t, scale)]
+    return tiles
+
+
+def _manifest(predictor: Predictor, path: Path, level: int, tiles: list[Tile]) -> dict[str, Any]:
+    """What an input's tile results depend on: a resume with anything different starts over."""
+    st = path.stat()
+    cfg = predictor.cfg
+    config = hashlib.sha256(cfg.dump().encode()).hexdigest() if hasattr(cfg, "dump") else None
+    weights: dict[str, Any] = {}
+    if config is not None and cfg.MODEL.WEIGHTS:
+        weights["path"] = str(cfg.MODEL.WEIGHTS)
+        if os.path.isfile(cfg.MODEL.WEIGHTS):
+            ws = os.stat(cfg.MODEL.WEIGHTS)
+            weights.update(size=ws.st_size, mtime_ns=ws.st_mtime_ns)
+    fn = predictor._tile_fn if predictor.model is None else None
+    return {"format": 1, "input": str(path.resolve()), "input_size": st.st_size, "input_mtime_ns": st.st_mtime_ns,
+            "level": level, "tile_size": predictor.tile_size, "overlap": predictor.overlap,
+            "score_threshold": predictor.score_threshold, "tiles": len(tiles), "config_sha256": config,
+            "weights": weights,
+            "tile_fn": None if fn is None else f"{fn.__module__}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"}
+
+
+def _resumable_tiles(predictor: Predictor, src: ImageSource, level: int, tiles: list[Tile], store: TileStore,
+                     need_image: bool, desc: str) -> Iterator[TileResult]:
+    """:meth:`Predictor.iter_tiles` over ``tiles``, reusing the tiles ``store`` holds and keeping the others there.
+
+    Tiles are yielded in grid order (so nucleus ids are those of an uninterrupted run); a batch's tiles are all kept
+    before any of them is yielded, so finished tiles are whole batches and a resumed run batches like a fresh one.
+    ``need_image``: read the pixels of reused tiles too (measurements, overlay).
+    """
+    size = src.level_dims[level]
+    bar = None
+    if predictor.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tiles), desc=desc, unit="tile", dynamic_ncols=True, leave=False)
+    try:
+        i = 0
+        while i < len(tiles):
+            t = tiles[i]
+            if t.index in store.done:
+                crops = store.load(t.index)
+                if crops is None:  # damaged: forgotten by the store, predicted below
+                    continue
+                image = src.read_region(level, t.top, t.left, t.height, t.width) if need_image else None
+                i += 1
+                if bar is not None:
+                    bar.update(1)
+                yield TileResult(t, crops, image)
+                continue
+            batch: list[Tile] = []
+            while i < len(tiles) and len(batch) < predictor.batch_size and tiles[i].index not in store.done:
+                batch.append(tiles[i])
+                i += 1
+            images = [src.read_region(level, b.top, b.left, b.height, b.width) for b in batch]
+            preds = predictor._tile_fn(images)  # the model on a batch of tiles, as in Predictor.iter_tiles
+            if len(preds) != len(batch):
+                raise RuntimeError(f"the tile function returned {len(preds)} results for {len(batch)} tiles")
+            results = [TileResult(b, owned_selection(c, b, size), img) for b, img, c in zip(batch, images, preds)]
+            for r in results:
+                store.save(r.tile.index, r.crops)
+            if bar is not None:
+                bar.update(len(batch))
+            yield from results
+    finally:
+        if bar is not None:
+            bar.close()
+
+
 def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str | os.PathLike, options: RunOptions,
                  stem: str | None = None) -> FileResult:
-    """Predict one image or slide and write its outputs (atomically; the done-marker last). Raises on failure."""
+    """Predict one image or slide and write its outputs (atomically; the done-marker last). Raises on failure.
+
+    An input of several tiles keeps its finished tiles in ``<stem>.partial/`` (``options.resume``) and reuses those
+    a killed run left; the folder is removed once the done-marker is written.
+    """
     path = Path(path)
     stem = stem or path.stem
     t0 = time.perf_counter()
@@ -217,6 +452,11 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
                 raise NoTissueError(f"{path}: the tissue mask is empty (no thumbnail pixel has mean optical density > "
                                     f"{options.tissue_threshold}); nothing to segment (lower --tissue-threshold or "
                                     "drop --tissue-mask)")
+        tiles = _tiles(predictor, src, level, tissue, tissue_ds)
+        store = None
+        if options.resume and len(tiles) > 1:
+            store = TileStore(partial_dir(output_dir, stem), _manifest(predictor, path, level, tiles),
+                              fresh=options.overwrite)
         paths = output_paths(output_dir, stem, options)
         writers: dict[str, Any] = {}
         try:
@@ -234,7 +474,12 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
             measure = "csv" in writers or "geojson" in writers
             next_id, n_tiles = 1, 0
             overlay = writers.get("overlay")
-            for res in predictor.iter_tiles(src, level, tissue, tissue_ds, desc=path.name):
+            if store is None:
+                results = predictor.iter_tiles(src, level, tissue, tissue_ds, desc=path.name)
+            else:
+                results = _resumable_tiles(predictor, src, level, tiles, store, measure or overlay is not None,
+                                           path.name)
+            for res in results:
                 n_tiles += 1
                 if overlay is not None:
                     overlay.add_tile(res.image, res.tile.top, res.tile.left)
@@ -245,13 +490,39 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
                     w.add(records)
             written = {k: str(w.close()) for k, w in writers.items()}
         except BaseException:
-            for w in writers.values():
-                w.abort()
+            for w in writers.values():  # each removes its temporary file, even if another one's removal fails
+                try:
+                    w.abort()
+                except Exception as e:
+                    logger.error("%s: could not remove a temporary output (%s: %s)", path, type(e).__name__, e)
             raise
         result = FileResult(str(path), "done", written, next_id - 1, n_tiles, time.perf_counter() - t0, level,
-                            warnings=list(src.warnings))
+                            warnings=list(src.warnings), reused_tiles=store.reused if store is not None else 0)
     write_json_atomic(_marker(output_dir, stem), {**asdict(result), "image_size": [height, width]}, indent=1)
+    if store is not None:
+        store.remove()
     return result
+
+
+def _interrupted_note(output_dir: Path, stem: str) -> str:
+    """What an interrupted input keeps for the next run."""
+    d = partial_dir(output_dir, stem)
+    done = len(list(d.glob("tile_*.npz"))) if d.is_dir() else 0
+    if not done:
+        return "stopped before any of its tiles was finished; it starts over on the next run"
+    try:
+        total = json.loads((d / "manifest.json").read_text())["tiles"]
+    except (OSError, ValueError, KeyError):
+        total = "?"
+    return f"{done} of {total} tiles finished, kept in {d} for the next run"
+
+
+def _os_error_text(e: OSError) -> str:
+    """One line naming the path(s) of an OS error."""
+    if e.filename is None:
+        return str(e)
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else str(e.filename)
+    return f"{where}: {e.strerror or e}"
 
 
 def run_batch(predictor: Predictor, inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
@@ -262,6 +533,10 @@ def run_batch(predictor: Predictor, inputs: Sequence[str | os.PathLike], output_
     Args:
         rank, world: this process's shard (inputs ``rank::world`` of the sorted list).
         on_file_done: called after each file (progress reporting; tests use it to simulate a kill).
+
+    Raises:
+        Interrupted: on SIGINT / SIGTERM (see :func:`raise_on_signals`) or KeyboardInterrupt, after writing the
+            summary (with the interrupted and not started inputs); the exception carries it.
     """
     options = options or RunOptions()
     if not 0 <= rank < world:
@@ -270,30 +545,59 @@ def run_batch(predictor: Predictor, inputs: Sequence[str | os.PathLike], output_
     stems = _stems(files)
     summary = RunSummary(list(missing) if rank == 0 else [])
     mine = files[rank::world]
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    for f in mine:
-        stem = stems[f]
-        if not options.overwrite and is_done(output_dir, stem, options):
-            res = FileResult(str(f), "skipped", {k: str(p) for k, p in output_paths(output_dir, stem, options).items()})
-            logger.info("%s: outputs already complete, skipped", f)
-        else:
-            try:
-                res = predict_file(predictor, f, output_dir, options, stem)
-                logger.info("%s: %d nuclei, %d tiles, %.1f s", f, res.nuclei, res.tiles, res.seconds)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except MemoryError as e:
-                res = FileResult(str(f), "failed", error=f"out of memory ({e}); use a smaller INFERENCE.BATCH_SIZE "
-                                 "or TILE_SIZE")
-            except Exception as e:  # one bad file must not stop the batch
-                msg = str(e) if str(f) in str(e) else f"{type(e).__name__}: {e}"
-                res = FileResult(str(f), "failed", error=msg)
-                logger.error("%s: FAILED: %s", f, msg)
-        summary.results.append(res)
-        if on_file_done is not None:
-            on_file_done(res)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     name = "summary.json" if world == 1 else f"summary_rank{rank}.json"
-    write_json_atomic(Path(output_dir) / name, summary.to_dict(), indent=1)
+    stale = remove_stale_temps(out_dir, [n for f in mine for n in _output_names(stems[f])] + [name])
+    if stale:
+        logger.info("%s: removed %d temporary file(s) left by a killed run", out_dir, len(stale))
+    current: Path | None = None
+    try:
+        for f in mine:
+            stem = stems[f]
+            current = f
+            if not options.overwrite and is_done(out_dir, stem, options):
+                done = {k: str(p) for k, p in output_paths(out_dir, stem, options).items()}
+                res = FileResult(str(f), "skipped", done)
+                logger.info("%s: outputs already complete, skipped", f)
+            else:
+                try:
+                    res = predict_file(predictor, f, out_dir, options, stem)
+                    reused = f" ({res.reused_tiles} reused from an interrupted run)" if res.reused_tiles else ""
+                    logger.info("%s: %d nuclei, %d tiles%s, %.1f s", f, res.nuclei, res.tiles, reused, res.seconds)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except MemoryError as e:
+                    res = FileResult(str(f), "failed", error=f"out of memory ({e}); use a smaller "
+                                     "INFERENCE.BATCH_SIZE or TILE_SIZE")
+                except Exception as e:  # one bad file must not stop the batch
+                    if isinstance(e, OSError) and e.filename is not None:
+                        msg = _os_error_text(e)
+                    else:
+                        msg = str(e) if str(f) in str(e) else f"{type(e).__name__}: {e}"
+                    res = FileResult(str(f), "failed", error=msg)
+                    logger.error("%s: FAILED: %s", f, msg)
+            current = None
+            summary.results.append(res)
+            if on_file_done is not None:
+                on_file_done(res)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        summary.interrupted = signal.Signals(signum).name
+        seen = {r.input for r in summary.results}
+        for f in mine:
+            if str(f) in seen:
+                continue
+            if f == current:
+                summary.results.append(FileResult(str(f), "interrupted", error=_interrupted_note(out_dir, stems[f])))
+            else:
+                summary.results.append(FileResult(str(f), "not started"))
+        try:
+            write_json_atomic(out_dir / name, summary.to_dict(), indent=1)
+        except OSError as err:
+            logger.error("cannot write the summary: %s", _os_error_text(err))
+        raise Interrupted(signum, summary) from None
+    write_json_atomic(out_dir / name, summary.to_dict(), indent=1)
     return summary
 
 
@@ -310,43 +614,9 @@ def merge_summaries(output_dir: str | os.PathLike, world: int) -> RunSummary:
     return out
 
 
-# ---- command line (tools/predict.py) ---------------------------------------------------------------------------------
-def build_parser() -> Any:
-    """The argument parser of ``tools/predict.py``."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        description="Segment nuclei in images, folders, large tiles and whole slides with any nuclei-d2 model.",
-        epilog="Example: python tools/predict.py --config-file configs/maskrcnn_baseline.yaml --weights "
-               "model_final.pth --input slides/*.svs --output out --outputs geojson csv --level 0 --tissue-mask",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config-file", required=True, help="model config (the one it was trained with)")
-    p.add_argument("--weights", default=None, help="trained weights (sets MODEL.WEIGHTS)")
-    p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
-    p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--outputs", nargs="+", default=None, choices=list(OUTPUT_KINDS),
-                   help="what to write (default INFERENCE.OUTPUTS)")
-    p.add_argument("--level", type=int, default=0, help="pyramid level of slides to analyse (0 = full resolution)")
-    p.add_argument("--magnification", type=float, default=None,
-                   help="analyse the slide level closest to this objective power (e.g. 20)")
-    p.add_argument("--tissue-mask", action="store_true", help="skip tiles without tissue (thumbnail mask)")
-    p.add_argument("--tissue-threshold", type=float, default=0.08, help="optical density threshold of the mask")
-    p.add_argument("--tile-size", type=int, default=None, help="tile side in px (default INFERENCE.TILE_SIZE)")
-    p.add_argument("--overlap", type=int, default=None, help="tile overlap in px (default INFERENCE.OVERLAP)")
-    p.add_argument("--batch-size", type=int, default=None, help="tiles per forward pass (INFERENCE.BATCH_SIZE)")
-    p.add_argument("--label-format", default=".tif", choices=[".tif", ".png", ".npy"], help="label map format")
-    p.add_argument("--backend", default="auto", choices=["auto", "tifffile", "tiffslide", "openslide", "pil"])
-    p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs are complete")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--shard", default="0/1", help="K/N: process only the K-th of N shards of the inputs")
-    p.add_argument("--num-gpus", type=int, default=1, help="processes per machine (Detectron2 launch)")
-    p.add_argument("--num-machines", type=int, default=1)
-    p.add_argument("--machine-rank", type=int, default=0)
-    p.add_argument("--dist-url", default="auto")
-    p.add_argument("opts", nargs="*", default=[], help="KEY VALUE config overrides (e.g. MODEL.DEVICE cpu)")
-    return p
 
 
+# ---- tools/predict.py (its parser lives in the tool, so --help needs no torch) --------------------------------------
 def _parse_shard(text: str) -> tuple[int, int]:
     try:
         k, n = (int(v) for v in text.split("/"))
@@ -357,57 +627,82 @@ def _parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def config_overrides(args: Any) -> list[str]:
+    """The ``KEY VALUE`` config overrides of the parsed command line (its ``opts`` and the flags that set keys)."""
+    opts = list(args.opts)
+    if args.weights:
+        opts += ["MODEL.WEIGHTS", args.weights]
+    if getattr(args, "allow_pickle", False):
+        opts += ["MODEL.CHECKPOINT.ALLOW_PICKLE", "True"]
+    return opts
+
+
 def predict_worker(args: Any) -> int:
     """One process of ``tools/predict.py`` (after Detectron2's ``launch``); returns the exit status."""
     from detectron2.utils import comm
 
     from ..engine.defaults import leave_process_group, setup_cfg
 
-    opts = list(args.opts)
-    if args.weights:
-        opts += ["MODEL.WEIGHTS", args.weights]
-    cfg = setup_cfg(args.config_file, opts, eval_only=True)
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights (testing only)")
-    k, n = _parse_shard(args.shard)
-    world, rank = comm.get_world_size() * n, k * comm.get_world_size() + comm.get_rank()
-    predictor = Predictor(cfg, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
-                          progress=False if args.no_progress else None)
-    options = RunOptions(outputs=args.outputs or list(cfg.INFERENCE.OUTPUTS), level=args.level,
-                         magnification=args.magnification, tissue_mask=args.tissue_mask,
-                         tissue_threshold=args.tissue_threshold, label_suffix=args.label_format,
-                         overwrite=args.overwrite, backend=args.backend)
-    summary = run_batch(predictor, args.input, args.output, options, rank=rank, world=world)
-    if comm.get_world_size() > 1:
-        comm.synchronize()
-        if comm.is_main_process() and n == 1:
-            summary = merge_summaries(args.output, world)
-    if comm.is_main_process():
-        print(summary.format())
-    leave_process_group()
-    return 1 if summary.failures else 0
+    with raise_on_signals():
+        cfg = setup_cfg(args.config_file, config_overrides(args), eval_only=True)
+        if not cfg.MODEL.WEIGHTS:
+            logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights (testing only)")
+        k, n = _parse_shard(args.shard)
+        world, rank = comm.get_world_size() * n, k * comm.get_world_size() + comm.get_rank()
+        predictor = Predictor(cfg, tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                              progress=False if args.no_progress else None)
+        options = RunOptions(outputs=args.outputs or list(cfg.INFERENCE.OUTPUTS), level=args.level,
+                             magnification=args.magnification, tissue_mask=args.tissue_mask,
+                             tissue_threshold=args.tissue_threshold, label_suffix=args.label_format,
+                             overwrite=args.overwrite, backend=args.backend)
+        try:
+            summary = run_batch(predictor, args.input, args.output, options, rank=rank, world=world)
+        except Interrupted as e:
+            if e.summary is not None:
+                print(e.summary.format(), flush=True)
+            return e.exit_code
+        if comm.get_world_size() > 1:
+            comm.synchronize()
+            if comm.is_main_process() and n == 1:
+                summary = merge_summaries(args.output, world)
+        if comm.is_main_process():
+            print(summary.format())
+        leave_process_group()
+        return 1 if summary.failures else 0
 
 
-def predict_main(argv: Sequence[str] | None = None) -> int:
-    """``tools/predict.py``: parse, launch the workers, return the exit status (2: bad config or arguments)."""
-    import sys
+def run_predict(args: Any) -> int:
+    """``tools/predict.py`` after parsing: check the output folder, build the model, run; return the exit status.
 
+    0 all done, 1 some inputs failed, 2 bad config, arguments, checkpoint or output folder (one line on stderr,
+    nothing written), 128 + signal when interrupted (130 Ctrl-C, 143 SIGTERM; the summary says how to resume).
+    """
     from detectron2.engine import launch
 
     from ..engine.defaults import ConfigError
 
-    args = build_parser().parse_args(argv)
+    created: list[Path] = []
     try:
-        _parse_shard(args.shard)
-        if args.num_gpus * args.num_machines > 1:
-            launch(predict_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                   dist_url=args.dist_url, args=(args,))
-            # the workers' exit statuses are lost in launch: read the merged summary (machine 0) instead
-            summary_path = Path(args.output) / "summary.json"
-            if args.machine_rank == 0 and summary_path.is_file():
-                return 1 if json.loads(summary_path.read_text())["counts"].get("failed", 0) else 0
-            return 0
-        return predict_worker(args)
-    except (ConfigError, ValueError) as e:
+        with raise_on_signals():
+            _parse_shard(args.shard)
+            created = prepare_output_dir(args.output)  # first: an unusable --output costs nothing
+            if args.num_gpus * args.num_machines > 1:
+                launch(predict_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                       dist_url=args.dist_url, args=(args,))
+                # the workers' exit statuses are lost in launch: read the merged summary (machine 0) instead
+                summary_path = Path(args.output) / "summary.json"
+                if args.machine_rank == 0 and summary_path.is_file():
+                    return 1 if json.loads(summary_path.read_text())["counts"].get("failed", 0) else 0
+                return 0
+            return predict_worker(args)
+    except Interrupted as e:  # before the batch started (config, model): nothing was written
+        _remove_empty(created)
+        print(f"interrupted by {e.name} before any input was predicted; nothing written", file=sys.stderr)
+        return e.exit_code
+    except (ConfigError, ValueError) as e:  # includes a refused checkpoint and OutputError
+        _remove_empty(created)
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {_os_error_text(e)}", file=sys.stderr)
         return 2
