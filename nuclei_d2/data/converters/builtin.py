@@ -21,6 +21,7 @@ from ..datasets.protocols import KUMAR_SPLITS, MONUSEG2018_TILE_ORGAN
 from .common import (
     ConversionError,
     build_from_label_maps,
+    check_output_dir,
     collapse_categories,
     find_files_by_stem,
     natural_key,
@@ -43,13 +44,14 @@ def _first_dir(*cands: Path) -> Path | None:
 
 def prepare_monuseg2018(source: str | os.PathLike, root: str | os.PathLike | None = None,
                         test_source: str | os.PathLike | None = None, from_xml: bool = False,
-                        show_progress: bool = True) -> list[Path]:
+                        rasterize: str = "centers", show_progress: bool = True) -> list[Path]:
     """``monuseg2018_train`` (30 tiles), the Kumar split (``kumar_train``, ``kumar_test_same``, ``kumar_test_diff``,
     ``kumar_test``) and, with ``test_source``, ``monuseg2018_test`` (14 challenge test tiles).
 
     ``source`` is either ``../shared/data/monuseg2018`` (``train/images`` + ``train/labels`` label maps, used as
     they are) or the official training download (``Tissue Images/*.tif`` + ``Annotations/*.xml``, rasterized);
     ``from_xml`` forces the XMLs. ``test_source`` is the official test download (``*.tif`` and ``*.xml`` side by side).
+    ``rasterize``: how XML polygons become pixels (``"centers"`` or ``"fill-poly"``; see docs/data.md).
     """
     source = Path(source)
     if not source.is_dir():
@@ -68,7 +70,7 @@ def prepare_monuseg2018(source: str | os.PathLike, root: str | os.PathLike | Non
                                   show_progress=show_progress)
     elif xmls is not None:
         coco = convert_monuseg_xml(images, xmls, stems=stems, metadata=MONUSEG2018_TILE_ORGAN,
-                                   show_progress=show_progress)
+                                   rasterize=rasterize, show_progress=show_progress)
     else:
         raise ConversionError(f"{source}: no label maps (train/labels) or XML annotations (Annotations) found")
     written = [write_coco(coco, builtin_json_path("monuseg2018_train", root))]
@@ -76,7 +78,7 @@ def prepare_monuseg2018(source: str | os.PathLike, root: str | os.PathLike | Non
         written.append(write_coco(subset_coco(coco, split, note=f"kumar2017 protocol: {name}"),
                                   builtin_json_path(name, root)))
     if test_source is not None:
-        test = convert_monuseg_xml(test_source, test_source, show_progress=show_progress)
+        test = convert_monuseg_xml(test_source, test_source, rasterize=rasterize, show_progress=show_progress)
         written.append(write_coco(test, builtin_json_path("monuseg2018_test", root)))
     return written
 
@@ -190,5 +192,6 @@ def prepare_builtin(family: str, source: str | os.PathLike, root: str | os.PathL
     """Write the built-in JSONs of ``family`` (one of :data:`PREPARERS`) from ``source`` under the datasets root."""
     if family not in PREPARERS:
         raise ConversionError(f"unknown dataset family {family!r}; choose one of {', '.join(PREPARERS)}")
+    check_output_dir(datasets_root(root), "datasets root")
     logger.info("preparing %s from %s into %s", family, source, datasets_root(root))
     return PREPARERS[family](source, root, **options)

@@ -16,11 +16,13 @@ Images with no nuclei stay in ``images`` with no annotations: evaluation must se
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,16 @@ from ..io import IMAGE_SUFFIXES, write_json_atomic
 __all__ = [
     "ConversionError",
     "CocoBuilder",
+    "check_image_file",
+    "check_output_dir",
+    "check_output_file",
     "collapse_categories",
     "find_files_by_stem",
     "load_organs",
     "match_images",
     "natural_key",
     "progress",
+    "read_image_header",
     "read_split_file",
     "select_split",
     "split_stems",
@@ -163,6 +169,116 @@ def write_coco(coco: dict[str, Any], out: str | os.PathLike) -> Path:
     path = write_json_atomic(out, coco)
     logger.info("wrote %s: %d images, %d annotations", path, len(coco["images"]), len(coco["annotations"]))
     return path
+
+
+# ---- output locations: checked before any work -----------------------------------------------------------------
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (the folder where creating ``path`` starts)."""
+    cand = path
+    while not cand.exists() and cand != cand.parent:
+        cand = cand.parent
+    return cand
+
+
+def _probe_writable(folder: Path, target: Path, what: str) -> None:
+    """Create and remove a hidden folder in ``folder``: the only test that also works for root, read-only mounts
+    and pseudo file systems (``/proc``), where permission bits say nothing."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".nuclei_d2_probe_", dir=folder)
+    except OSError as e:
+        where = "" if folder == target else f" (in {folder})"
+        raise ConversionError(f"{target}: cannot write the {what} there{where}: {e.strerror or e}") from None
+    os.rmdir(probe)
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output", suffix: str | None = ".json") -> Path:
+    """Check, before any work, that the file ``path`` can be written (its folder exists or can be created, and
+    accepts new files); raises :class:`ConversionError` naming the path otherwise. Creates nothing."""
+    path = Path(os.path.abspath(path))
+    try:
+        if path.is_dir():
+            raise ConversionError(f"{path}: the {what} is an existing folder; give a file name")
+        if suffix is not None and path.suffix.lower() != suffix:
+            raise ConversionError(f"{path}: the {what} must be a {suffix} file")
+        base = _nearest_existing(path.parent)
+        if not base.is_dir():
+            raise ConversionError(f"{path}: cannot create the {what}: {base} is a file, not a folder")
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot check the {what} location: {e.strerror or e}") from None
+    _probe_writable(base, path, what)
+    return path
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Check, before any work, that the folder ``path`` exists or can be created and accepts new files; raises
+    :class:`ConversionError` naming the path otherwise. Creates nothing."""
+    path = Path(os.path.abspath(path))
+    try:
+        base = _nearest_existing(path)
+        if not base.is_dir():
+            if base == path:
+                raise ConversionError(f"{path}: the {what} is an existing file, not a folder")
+            raise ConversionError(f"{path}: cannot create the {what}: {base} is a file, not a folder")
+    except OSError as e:
+        raise ConversionError(f"{path}: cannot check the {what}: {e.strerror or e}") from None
+    _probe_writable(base, path, what)
+    return path
+
+
+# ---- images: header, truncation check, full decoding -------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Any:
+    # tifffile logs "invalid offset to first page" for a cut file before failing; our error says it in one line
+    tlog = logging.getLogger("tifffile")
+    level = tlog.level
+    tlog.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        tlog.setLevel(level)
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Refuse a truncated TIFF cheaply: every strip or tile that a page indexes (offset + byte count) must lie
+    inside the file. Reads the page directories only (~0.5 ms a MoNuSeg tile, vs ~30 ms to decode it: docs/data.md).
+    Other formats pass (their headers are checked by :func:`nuclei_d2.data.io.read_image_size`)."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return
+    import tifffile
+
+    try:
+        size = path.stat().st_size
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tf:
+            if not len(tf.pages):
+                raise ConversionError(f"{path}: truncated or damaged TIFF: no readable image page")
+            for index, page in enumerate(tf.pages):
+                ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts) if n]
+                if ends and max(ends) > size:
+                    raise ConversionError(f"{path}: truncated TIFF: page {index} needs {max(ends):,} bytes but the "
+                                          f"file has {size:,}")
+    except ConversionError:
+        raise
+    except Exception as e:  # tifffile raises many types for damaged files
+        raise ConversionError(f"{path}: cannot read TIFF header ({type(e).__name__}: {e})") from None
+
+
+def read_image_header(path: str | os.PathLike, verify: bool = False) -> tuple[int, int]:
+    """``(height, width)`` of an image: from its header, refusing truncated TIFFs (:func:`check_image_file`), or,
+    with ``verify``, by decoding every pixel (catches any damage, ~60x slower on MoNuSeg tiles)."""
+    from ..io import ImageReadError, read_image_rgb, read_image_size
+
+    try:
+        if verify:
+            with _quiet_tifffile():
+                return tuple(read_image_rgb(path).shape[:2])  # type: ignore[return-value]
+        check_image_file(path)
+        with _quiet_tifffile():
+            return read_image_size(path)
+    except ImageReadError as e:
+        raise ConversionError(str(e)) from None
 
 
 # ---- finding files -------------------------------------------------------------------------------------------------
@@ -346,17 +462,13 @@ def build_from_label_maps(pairs: Sequence[tuple[str, Path, Path]], read_label: A
         read_label: ``read_label(path, (height, width)) -> (label_map, types)``, ``types`` a ``{label value:
             category id}`` dict or None; it must raise an error naming the file when the size is wrong.
         organs: ``{stem: organ}``; ``organ`` is used for stems it does not name.
-        verify_images: decode every image (slower) instead of reading its header only.
+        verify_images: decode every image (slower) instead of reading its header (and checking that a TIFF's data
+            lies inside the file).
     """
-    from ..io import read_image_rgb, read_image_size
-
     organs = organs or {}
     builder = CocoBuilder(categories, image_root=image_root, info=info)
     for stem, image_path, ann_path in progress(pairs, desc, total=len(pairs), enabled=show_progress):
-        if verify_images:
-            h, w = read_image_rgb(image_path).shape[:2]
-        else:
-            h, w = read_image_size(image_path)
+        h, w = read_image_header(image_path, verify=verify_images)
         label, types = read_label(ann_path, (h, w))
         builder.add_label_map(builder.file_name(image_path), label, organ=organs.get(stem, organ), types=types)
     return builder.to_dict()

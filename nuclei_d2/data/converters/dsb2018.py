@@ -17,13 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from ..io import IMAGE_SUFFIXES, read_image_rgb, read_image_size
+from ..io import IMAGE_SUFFIXES
 from .common import (
     CocoBuilder,
     ConversionError,
+    check_output_file,
     load_organs,
     natural_key,
     progress,
+    read_image_header,
     split_stems,
     write_coco,
 )
@@ -83,6 +85,8 @@ def convert_dsb2018(root: str | os.PathLike, out: str | os.PathLike | None = Non
         Other arguments as in :func:`nuclei_d2.data.converters.convert_label_maps` (``metadata`` has no default
         here: DSB2018 records no organ).
     """
+    if out is not None:
+        check_output_file(out)
     root = Path(root)
     if not root.is_dir():
         raise ConversionError(f"{root}: DSB2018 folder not found")
@@ -104,7 +108,7 @@ def convert_dsb2018(root: str | os.PathLike, out: str | os.PathLike | None = Non
     for image_id in progress(ids, "DSB2018", total=len(ids), enabled=show_progress):
         folder = root / image_id
         image_path = _find_image(folder, image_id)
-        h, w = read_image_rgb(image_path).shape[:2] if verify_images else read_image_size(image_path)
+        h, w = read_image_header(image_path, verify=verify_images)
         masks_dir = folder / "masks"
         if not masks_dir.is_dir():
             if not allow_unlabelled:

@@ -19,6 +19,7 @@ from ..io import ImageReadError, read_label_map
 from .common import (
     ConversionError,
     build_from_label_maps,
+    check_output_file,
     find_files_by_stem,
     find_metadata,
     load_organs,
@@ -82,6 +83,8 @@ def convert_label_maps(images: str | os.PathLike, labels: str | os.PathLike, out
     Returns:
         The COCO document. A label map with no nucleus gives an image with no annotations (kept).
     """
+    if out is not None:
+        check_output_file(out)
     stems = split_stems(split_file, splits, stems)
     if Path(images).resolve() == Path(labels).resolve() and not label_suffix:
         raise ConversionError(f"{images}: images and label maps share a folder; tell them apart with --label-suffix")

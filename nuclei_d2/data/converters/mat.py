@@ -22,6 +22,7 @@ import numpy as np
 from .common import (
     ConversionError,
     build_from_label_maps,
+    check_output_file,
     find_files_by_stem,
     find_metadata,
     load_organs,
@@ -173,6 +174,8 @@ def convert_mat(images: str | os.PathLike, labels: str | os.PathLike, out: str |
     """
     if (type_key is None) != (type_names is None):
         raise ConversionError("keeping nucleus types needs both --type-key and --type-names (names of types 1..K)")
+    if out is not None:
+        check_output_file(out)
     stems = split_stems(split_file, splits, stems)
     mats = find_files_by_stem(labels, (".mat",), ".mat label", strip_suffix=label_suffix)
     pairs = match_images(images, mats, ".mat label", stems=stems)

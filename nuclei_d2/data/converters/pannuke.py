@@ -22,7 +22,15 @@ import numpy as np
 from ...structures import relabel_sequential
 from ..datasets.protocols import PANNUKE_TYPES
 from ..io import atomic_write, to_rgb_uint8
-from .common import CocoBuilder, ConversionError, collapse_categories, progress, write_coco
+from .common import (
+    CocoBuilder,
+    ConversionError,
+    check_output_dir,
+    check_output_file,
+    collapse_categories,
+    progress,
+    write_coco,
+)
 
 __all__ = ["PANNUKE_TYPES", "convert_pannuke", "pannuke_label_map"]
 
@@ -80,6 +88,9 @@ def convert_pannuke(images_npy: str | os.PathLike, masks_npy: str | os.PathLike,
         write: write the JSON to ``out`` (the PNGs are always written); False returns the document only.
     """
     images_npy, masks_npy, out = Path(images_npy), Path(masks_npy), Path(out)
+    check_output_file(out)
+    check_output_dir(Path(image_dir) if image_dir is not None else out.parent / f"{out.stem}_images",
+                     "PanNuke image folder")
     images = _load(images_npy, "images")
     masks = _load(masks_npy, "masks")
     if images.ndim != 4 or images.shape[3] not in (3, 4):
