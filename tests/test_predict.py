@@ -340,6 +340,9 @@ def test_slide_resumes_from_its_finished_tiles(tmp_path):
     for name in ("slide.geojson", "slide_nuclei.csv", "slide.coco.json"):
         assert (out / name).read_text() == (tmp_path / "ref" / name).read_text(), name
     assert not (out / "slide.partial").exists()
+    (out / "slide.partial").mkdir()  # left by a kill between the done-marker and its removal: gone at the next run
+    assert run_batch(pred(again), [slide], out, opts).results[0].status == "skipped"
+    assert not (out / "slide.partial").exists()
 
     # other settings (here the overlap) start over; a damaged tile file is predicted again
     out2 = tmp_path / "out2"

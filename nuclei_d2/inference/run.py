@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -559,6 +560,9 @@ def run_batch(predictor: Predictor, inputs: Sequence[str | os.PathLike], output_
             if not options.overwrite and is_done(out_dir, stem, options):
                 done = {k: str(p) for k, p in output_paths(out_dir, stem, options).items()}
                 res = FileResult(str(f), "skipped", done)
+                leftover = partial_dir(out_dir, stem)
+                if leftover.is_dir():  # killed between the done-marker and the folder's removal
+                    shutil.rmtree(leftover, ignore_errors=True)
                 logger.info("%s: outputs already complete, skipped", f)
             else:
                 try:
