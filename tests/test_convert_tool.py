@@ -245,3 +245,17 @@ def test_tool_truncated_tiff_and_rasterize(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / 'im' / 't.tif'}: truncated TIFF: page 0 needs") and err.count("\n") == 1
     assert not (tmp_path / "cut.json").exists()
+
+
+def test_prepare_builtin_rasterize_is_not_ignored(tmp_path, capsys):
+    """--rasterize when the training tiles come as label maps would change nothing: an error, not a silent no-op."""
+    main = load_tool("convert_dataset").main
+    for sub in ("train/images", "train/labels"):
+        (tmp_path / "src" / sub).mkdir(parents=True)
+    argv = ["prepare-builtin", "monuseg2018", "--source", str(tmp_path / "src"), "--root", str(tmp_path / "ds"),
+            "--rasterize", "fill-poly", "-q"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'src' / 'train' / 'labels'}: the training tiles come as "
+                                       "label maps here, so --rasterize would change nothing; add --from-xml to "
+                                       "rasterize the XMLs\n")
+    assert not (tmp_path / "ds").exists()

@@ -44,14 +44,15 @@ def _first_dir(*cands: Path) -> Path | None:
 
 def prepare_monuseg2018(source: str | os.PathLike, root: str | os.PathLike | None = None,
                         test_source: str | os.PathLike | None = None, from_xml: bool = False,
-                        rasterize: str = "centers", show_progress: bool = True) -> list[Path]:
+                        rasterize: str | None = None, show_progress: bool = True) -> list[Path]:
     """``monuseg2018_train`` (30 tiles), the Kumar split (``kumar_train``, ``kumar_test_same``, ``kumar_test_diff``,
     ``kumar_test``) and, with ``test_source``, ``monuseg2018_test`` (14 challenge test tiles).
 
     ``source`` is either ``../shared/data/monuseg2018`` (``train/images`` + ``train/labels`` label maps, used as
     they are) or the official training download (``Tissue Images/*.tif`` + ``Annotations/*.xml``, rasterized);
     ``from_xml`` forces the XMLs. ``test_source`` is the official test download (``*.tif`` and ``*.xml`` side by side).
-    ``rasterize``: how XML polygons become pixels (``"centers"`` or ``"fill-poly"``; see docs/data.md).
+    ``rasterize``: how XML polygons become pixels (``"centers"``, the default, or ``"fill-poly"``; docs/data.md);
+    asking for it when no XML is rasterized is an error rather than being ignored.
     """
     source = Path(source)
     if not source.is_dir():
@@ -66,11 +67,17 @@ def prepare_monuseg2018(source: str | os.PathLike, root: str | os.PathLike | Non
         raise ConversionError(f"{source}: no image folder (train/images, images or 'Tissue Images') found")
     stems = list(MONUSEG2018_TILE_ORGAN)
     if labels is not None and not from_xml:
+        if rasterize is not None and test_source is None:
+            raise ConversionError(f"{labels}: the training tiles come as label maps here, so --rasterize would change "
+                                  "nothing; add --from-xml to rasterize the XMLs")
+        if rasterize is not None:
+            logger.warning("%s: training tiles from label maps; --rasterize %s applies to the test XMLs only", labels,
+                           rasterize)
         coco = convert_label_maps(images, labels, stems=stems, metadata=MONUSEG2018_TILE_ORGAN,
                                   show_progress=show_progress)
     elif xmls is not None:
         coco = convert_monuseg_xml(images, xmls, stems=stems, metadata=MONUSEG2018_TILE_ORGAN,
-                                   rasterize=rasterize, show_progress=show_progress)
+                                   rasterize=rasterize or "centers", show_progress=show_progress)
     else:
         raise ConversionError(f"{source}: no label maps (train/labels) or XML annotations (Annotations) found")
     written = [write_coco(coco, builtin_json_path("monuseg2018_train", root))]
@@ -78,7 +85,8 @@ def prepare_monuseg2018(source: str | os.PathLike, root: str | os.PathLike | Non
         written.append(write_coco(subset_coco(coco, split, note=f"kumar2017 protocol: {name}"),
                                   builtin_json_path(name, root)))
     if test_source is not None:
-        test = convert_monuseg_xml(test_source, test_source, rasterize=rasterize, show_progress=show_progress)
+        test = convert_monuseg_xml(test_source, test_source, rasterize=rasterize or "centers",
+                                   show_progress=show_progress)
         written.append(write_coco(test, builtin_json_path("monuseg2018_test", root)))
     return written
 

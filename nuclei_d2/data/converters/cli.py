@@ -59,8 +59,7 @@ def _run(args: argparse.Namespace) -> list[Path]:
     elif cmd == "prepare-builtin":
         options: dict[str, Any] = {"show_progress": show}
         if args.family == "monuseg2018":
-            options.update(test_source=args.test_source, from_xml=args.from_xml,
-                           rasterize=args.rasterize or "centers")
+            options.update(test_source=args.test_source, from_xml=args.from_xml, rasterize=args.rasterize)
         if args.family == "dsb2018":
             options["allow_unlabelled"] = args.allow_unlabelled
         return prepare_builtin(args.family, args.source, args.root, **options)
