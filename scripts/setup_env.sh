@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Build (or reuse) the Python environment nuclei-d2 runs in, and install nuclei_d2 into it in editable mode.
+# Build (or reuse) the Python environment nuclei-d2 runs in: PyTorch, Detectron2 and requirements.txt, not the clone.
 #
 #   bash scripts/setup_env.sh            # prints the venv's path on its last line
+#   bash scripts/setup_env.sh --path     # only print the path this clone's requirements map to (builds nothing)
 #
-# The venv lives outside the clone, keyed by a hash of everything that decides its contents, so a second run (and CI
-# on the same machine) reuses it in seconds; a bare machine builds it from scratch (~2-3 minutes here).
+# The venv lives outside the clone, keyed by a hash of everything that decides its contents (requirements.txt and
+# this script without their comment lines, the interpreter's version, the Detectron2 mode and source), so a second
+# run, other clones with the same requirements and CI on the same machine reuse it in seconds; a bare machine builds
+# it from scratch (~3-5 minutes here). Editing a comment does not rebuild it; changing a pin or a command does.
+#
+# The clone itself is never installed into the venv: one venv serves several clones, and an installed clone would
+# shadow the others (running clone B's setup made clone A's tools import B's code). Every entry point puts its own
+# clone first instead: tools/*.py insert their repository root into sys.path, pytest has `pythonpath = ["."]`
+# (pyproject.toml), scripts/*.sh run from the clone. A nuclei-d2 installed by an older version of this script is
+# uninstalled. For `import nuclei_d2` elsewhere, use PYTHONPATH=/path/to/clone (or pip install -e in a venv of its own).
 #
 # Environment knobs:
 #   NUCLEI_D2_VENV        use this venv path instead of the cached one
@@ -28,9 +37,15 @@ TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 # not used here: torchvision provides the ops the project needs (ROIAlign, NMS).
 SAL_PIN=sal-detectron2==0.7.2
 
-key=$( { cat "$here/requirements.txt" "$here/scripts/setup_env.sh"; "$py" --version; echo "$d2_mode"; } \
-       | sha256sum | cut -c1-16)
+# Comment-only and blank lines are left out of the key, so documentation edits here or in requirements.txt reuse the
+# venv; any other change (a pin, a command, the interpreter, the Detectron2 mode or source) builds a new one.
+key=$( { grep -hEv '^[[:space:]]*(#|$)' "$here/requirements.txt" "$here/scripts/setup_env.sh"; "$py" --version;
+         echo "$d2_mode ${NUCLEI_D2_DETECTRON2_SRC:-}"; } | sha256sum | cut -c1-16)
 venv=${NUCLEI_D2_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/nuclei-d2/venv-$key}
+if [ "${1:-}" = --path ]; then
+  echo "$venv"
+  exit 0
+fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 if [ -f "$venv/.nuclei-d2-complete" ]; then
@@ -66,6 +81,12 @@ PY
   touch "$venv/.nuclei-d2-complete"
 fi
 
-# Editable install of the project itself (cheap; repeated on every run so a moved clone is picked up).
-"$venv/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$here" >&2
+# No install of the clone (see the top). Remove one an older version of this script made, editable or not: it would
+# shadow every clone whose entry point does not put itself first (a `python -c`, a notebook).
+if compgen -G "$venv/lib/python*/site-packages/nuclei_d2-*.dist-info" >/dev/null \
+   || compgen -G "$venv/lib/python*/site-packages/nuclei_d2.egg-link" >/dev/null \
+   || compgen -G "$venv/lib/python*/site-packages/nuclei-d2.egg-link" >/dev/null; then
+  echo "[setup] uninstalling the nuclei-d2 an older setup installed into $venv (clones run their own code)" >&2
+  "$venv/bin/python" -m pip uninstall -y -q nuclei-d2 >&2
+fi
 echo "$venv"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,8 +29,12 @@ def shared_data() -> Path:
 
 
 # Generated data (synthetic tiles) goes to a per-run temp folder unless the caller chose one; set before any test
-# module imports nuclei_d2, and inherited by the tools the tests run as subprocesses.
-os.environ.setdefault("NUCLEI_D2_DATASETS", tempfile.mkdtemp(prefix="nuclei_d2_test_datasets_"))
+# module imports nuclei_d2, and inherited by the tools the tests run as subprocesses. Removed when the run ends
+# (processes that inherit the variable, such as spawned workers importing this file, make and remove nothing).
+if "NUCLEI_D2_DATASETS" not in os.environ:
+    _DATASETS_TMP = tempfile.mkdtemp(prefix="nuclei_d2_test_datasets_")
+    os.environ["NUCLEI_D2_DATASETS"] = _DATASETS_TMP
+    atexit.register(shutil.rmtree, _DATASETS_TMP, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +58,45 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---- tests never write into the clone's output/ folder ---------------------------------------------------------------
+# output/ belongs to the user's runs (the demo, trainings). A test that writes there (a config's default OUTPUT_DIR,
+# a tool's default output) fails, naming the paths; give it tmp_path. Seen through Python's audit events, so it covers
+# what runs in the test process (give the tools a test runs as subprocesses an OUTPUT_DIR / --output too).
+_OUTPUT = str(REPO / "output")
+_writes_into_output: list[str] = []
+
+
+def _audit_output_writes(event: str, args: tuple) -> None:
+    if event not in ("open", "os.mkdir", "os.rename", "os.replace", "shutil.copyfile", "shutil.move"):
+        return
+    try:
+        if event == "open":
+            path, mode, flags = args
+            if isinstance(mode, str):
+                writing = any(c in mode for c in "wax+")
+            else:
+                writing = bool(int(flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        else:  # os.mkdir(path, ...); the others (source, destination, ...)
+            path, writing = (args[0] if event == "os.mkdir" else args[1]), True
+        if not writing or path is None or isinstance(path, int):
+            return
+        full = os.path.abspath(os.fsdecode(path))
+        if full == _OUTPUT or full.startswith(_OUTPUT + os.sep):
+            _writes_into_output.append(full)
+    except Exception:  # an audit hook must never break the operation it watches
+        return
+
+
+sys.addaudithook(_audit_output_writes)
+
+
+@pytest.fixture(autouse=True)
+def _no_writes_into_clone_output():
+    start = len(_writes_into_output)
+    yield
+    written = sorted(set(_writes_into_output[start:]))
+    if written:
+        pytest.fail(f"this test wrote into the clone's output/ folder (give it tmp_path, e.g. OUTPUT_DIR): "
+                    f"{written[:5]}", pytrace=False)
