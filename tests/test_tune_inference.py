@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIGS
+from conftest import CONFIGS, load_tool
 
 from nuclei_d2.engine import NucleiTrainer, setup_cfg
-from nuclei_d2.engine.tune_inference import main, parse_grid, tune_inference, write_tuned_config
+from nuclei_d2.engine.tune_inference import parse_grid, tune_inference, write_tuned_config
+
+main = load_tool("tune_inference").main
 
 CLASSICAL = str(CONFIGS / "classical_watershed.yaml")  # no weights needed, and its threshold matters
 

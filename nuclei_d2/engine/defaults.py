@@ -149,20 +149,33 @@ def check_weights(path: str, resume: bool = False, output_dir: str | None = None
                           "to train from random initialisation)")
 
 
-def check_datasets(names: Iterable[str], what: str) -> None:
-    """Raise ConfigError naming any dataset in ``names`` that is not registered, with the registered ones."""
-    from detectron2.data import DatasetCatalog
+#: Display names of the families of Detectron2's built-in datasets (by the first word of their names).
+_DETECTRON2_FAMILIES = {"coco": "COCO", "keypoints": "COCO", "lvis": "LVIS", "cityscapes": "Cityscapes", "voc": "VOC",
+                        "ade20k": "ADE20K"}
 
-    registered = sorted(DatasetCatalog.list())
+
+def check_datasets(names: Iterable[str], what: str, *, prepared: bool = True) -> None:
+    """Raise ConfigError naming any dataset in ``names`` that is not registered (listing ours and counting
+    Detectron2's COCO/LVIS/... built-ins, which are of no use here), or, with ``prepared``, whose JSON does not exist
+    yet (naming the file and the command that makes it)."""
+    from ..data.datasets.register import dataset_names_by_origin, unprepared_dataset_message
+
+    ours, detectron2s = dataset_names_by_origin()
+    registered = set(ours) | set(detectron2s)
     for name in names:
         if name not in registered:
-            close = difflib.get_close_matches(name, registered, n=3, cutoff=0.5)
+            close = difflib.get_close_matches(name, [*ours, *detectron2s], n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
+            families = dict.fromkeys(_DETECTRON2_FAMILIES.get(n.split("_")[0], n.split("_")[0]) for n in detectron2s)
+            others = f", and {len(detectron2s)} Detectron2 built-ins ({', '.join(families)})" if detectron2s else ""
             raise ConfigError(
-                f"{what}: dataset {name!r} is not registered.{hint} Registered: {', '.join(registered)}. "
+                f"{what}: dataset {name!r} is not registered.{hint} Registered: {', '.join(sorted(ours))}{others}. "
                 "Register your own with DATASETS.REGISTER or nuclei_d2.data.register_nuclei_dataset "
                 "(see datasets/README.md)."
             )
+        problem = unprepared_dataset_message(name) if prepared else None
+        if problem:
+            raise ConfigError(f"{what}: {problem}")
 
 
 def check_schedule(cfg: CfgNode) -> None:
@@ -204,8 +217,13 @@ def leave_process_group() -> None:
 
 
 def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool = False,
-              eval_only: bool = False, freeze: bool = True) -> CfgNode:
-    """Build the config and register what it names (synthetic data, DATASETS.REGISTER); check weights/datasets."""
+              eval_only: bool = False, freeze: bool = True, check_data: bool = False) -> CfgNode:
+    """Build the config and register what it names (synthetic data, DATASETS.REGISTER); check weights/datasets.
+
+    ``check_data``: also check that the datasets the run reads (DATASETS.TRAIN unless ``eval_only``, DATASETS.TEST)
+    were prepared (their JSON exists), so a missing one is one line before anything starts (train_net); off by
+    default, for callers that only build a model from the config (predict) and need none of its datasets.
+    """
     from ..data.synthetic import SyntheticSpec, register_synthetic_datasets
 
     cfg = build_cfg(config_file, opts)
@@ -222,9 +240,9 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
         if cfg.MODEL.META_ARCHITECTURE in UNTRAINABLE_ARCHITECTURES:
             raise ConfigError(f"{cfg.MODEL.META_ARCHITECTURE} has nothing to train: run it with --eval-only "
                               "(and tune its parameters with tools/tune_classical.py)")
-        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN", prepared=check_data)
         check_schedule(cfg)
-    check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
+    check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST", prepared=check_data)
     if freeze:
         cfg.freeze()
     return cfg

@@ -35,7 +35,7 @@ from torch import nn
 
 from .defaults import write_override_config
 
-__all__ = ["main", "parse_grid", "tune_inference", "write_tuned_config"]
+__all__ = ["parse_grid", "run", "tune_inference", "write_tuned_config"]
 
 # The tuned config is plain overrides on top of the tuned one.
 write_tuned_config = write_override_config
@@ -225,29 +225,9 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tune_inference.py",
-        description="Tune a trained model's inference settings (score/probability thresholds, post-processing) on a "
-                    "registered training split and write the best as a config file.")
-    p.add_argument("--config-file", required=True, help="config of the trained model")
-    p.add_argument("--weights", default="", help="checkpoint (default: the config's MODEL.WEIGHTS)")
-    p.add_argument("--dataset", default="kumar_train", help="registered dataset to tune on (default kumar_train)")
-    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                   help="config key and the values to try, e.g. MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5,0.7,0.8 "
-                        "(commas inside brackets or quotes do not split: "
-                        "TEST.AUG.TRANSFORMS=\"['identity'],['identity','hflip']\")")
-    p.add_argument("--metric", default="AJI", help="per-image mean to maximise (AJI, PQ, Dice1, F1; default AJI)")
-    p.add_argument("--max-images", type=int, default=0, help="tune on the first N images only (0 = all)")
-    p.add_argument("--no-reuse-maps", dest="reuse_maps", action="store_false",
-                   help="full inference at every grid point, even when only a dense model's post-processing changes")
-    p.add_argument("--output", default="", help="tuned config to write (default OUTPUT_DIR/tune_inference/tuned.yaml)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="further config overrides KEY VALUE ...")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``tools/tune_inference.py``, after parsing (its parser lives in the tool, so --help needs no torch): tune,
+    print the table, write the tuned config. Returns the exit status (2 for bad input, one line on stderr)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from tabulate import tabulate
 
