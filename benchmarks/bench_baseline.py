@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
 import nuclei_d2  # noqa: F401
 from nuclei_d2.data.mapper import NucleiDatasetMapper

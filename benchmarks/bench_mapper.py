@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from detectron2.data import DatasetCatalog
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
 import nuclei_d2  # noqa: F401  (registers the datasets)
 from nuclei_d2.data.mapper import NucleiDatasetMapper

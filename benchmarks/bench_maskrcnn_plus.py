@@ -24,12 +24,15 @@ same for every row. ``--tiny`` uses the tiny test configs instead (fast check of
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
 import nuclei_d2  # noqa: F401
 from nuclei_d2.data.io import read_image_rgb

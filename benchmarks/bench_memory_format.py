@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.utils.events import EventStorage
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
 import nuclei_d2  # noqa: F401  (registers the datasets)
 from nuclei_d2.data.mapper import NucleiDatasetMapper

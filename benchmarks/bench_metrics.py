@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
 
 
 def _shared_data() -> Path:

@@ -19,6 +19,7 @@ The models have random weights, so the score threshold is 0 and every model keep
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import numpy as np
 import torch
 from detectron2.data import DatasetCatalog  # noqa: F401  (import order: detectron2.data before nuclei_d2)
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
 import nuclei_d2  # noqa: F401
 from nuclei_d2.data.synthetic import make_synthetic_tile

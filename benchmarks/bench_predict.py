@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
 DEFAULT_PLAN = [("oracle", 2048), ("oracle", 8192), ("oracle", 16384),
                 ("two_stage_unet-tiny.yaml", 2048), ("two_stage_unet-tiny.yaml", 4096),
                 ("maskrcnn_baseline-tiny.yaml", 2048)]

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
 KEYS = ("AJI", "PQ", "Dice1", "F1")
 COLUMNS = ["minutes", "iteration", *KEYS, *(f"{k}-seen" for k in KEYS), *(f"{k}-unseen" for k in KEYS),
            "eval_seconds", "inference_s_per_tile"]

@@ -3,6 +3,7 @@ scripts/setup_env.sh), scripts/test.sh fails on tests' leftovers, and the licenc
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -48,6 +49,20 @@ def test_every_tool_imports_its_own_clone(tool, clone_b):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(REPO / "nuclei_d2" / "__init__.py"), (
         f"{tool.name} would import {proc.stdout.strip()}: it must put its own clone first on sys.path")
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "benchmarks").glob("*.py")), ids=lambda p: p.stem)
+def test_every_benchmark_puts_its_own_clone_first(script):
+    """Benchmarks are run as scripts too (``python benchmarks/x.py``); read, not run (each imports torch)."""
+    tree = ast.parse(script.read_text())
+    imports = [n.lineno for n in ast.walk(tree)
+               if isinstance(n, ast.Import) and any(a.name.split(".")[0] == "nuclei_d2" for a in n.names)
+               or isinstance(n, ast.ImportFrom) and (n.module or "").split(".")[0] == "nuclei_d2"]
+    if not imports:
+        pytest.skip("does not import nuclei_d2")
+    inserts = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "sys.path.insert"]
+    first_import, insert = min(imports), min(inserts, default=-1)
+    assert 0 <= insert < first_import, f"{script.name}: put the clone on sys.path before importing nuclei_d2"
 
 
 def test_a_tool_run_from_another_clone_runs_this_clones_code(clone_b, tmp_path):
