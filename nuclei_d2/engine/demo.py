@@ -8,15 +8,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 
-from ..data.io import read_image_rgb, read_label_map, write_label_map
+from ..data.io import atomic_write, read_image_rgb, read_label_map, write_label_map
 from ..structures import annotations_to_label_map, instances_to_label_map
 from .defaults import build_cfg, setup_cfg
 from .trainer import NucleiTrainer
 
-__all__ = ["run_demo"]
+__all__ = ["count_nuclei", "demo_cfg", "run_demo"]
 
 logger = logging.getLogger("nuclei_d2.demo")
 
@@ -32,28 +35,55 @@ def _steps_within(config_file: str, opts: list[str], max_iter: int) -> list[str]
     return [] if kept == steps else ["SOLVER.STEPS", repr(kept)]
 
 
+def demo_cfg(config_file: str, output_dir: str | os.PathLike, max_iter: int, opts: list[str] | None = None
+             ) -> CfgNode:
+    """The demo's config: ``config_file`` trained ``max_iter`` iterations into ``output_dir``, ``opts`` last.
+
+    One checkpoint only, the final one (the tiny configs save every 10 iterations: 16 files of 149 MB for the
+    default 150 iterations); a SOLVER.CHECKPOINT_PERIOD in ``opts`` wins.
+    """
+    opts = ["OUTPUT_DIR", str(output_dir), "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD",
+            str(max_iter + 1), *(opts or [])]
+    return setup_cfg(config_file, _steps_within(config_file, opts, max_iter) + opts)
+
+
+def _save_weights_only(model: torch.nn.Module, path: Path, iteration: int) -> Path:
+    """Replace the final checkpoint by the model's weights: with AdamW the optimizer state holds two more copies of
+    every weight (149 MB instead of 50 for the tiny model), and the demo is never resumed."""
+    state = {"model": model.state_dict(), "iteration": iteration}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def count_nuclei(label_map: np.ndarray) -> int:
+    """The number of distinct non-zero labels: the nuclei a label map holds (its maximum also counts the ids of
+    instances that later, overlapping ones covered completely)."""
+    labels = np.unique(label_map)
+    return int(np.count_nonzero(labels))
+
+
 def run_demo(config_file: str, output_dir: str, max_iter: int = 150, opts: list[str] | None = None) -> dict[str, Any]:
     """Train ``config_file`` for ``max_iter`` iterations, evaluate on its test set, predict its first test tile.
 
     The test tiles are generated apart from the training ones (another seed), so the prediction is on an image the
-    model never saw. Returns (and prints) the paths written and the headline metrics.
+    model never saw. Writes the final weights (weights only) with ``config.yaml`` beside them, and returns (and
+    prints) the paths written and the headline metrics.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     setup_logger(str(out), name="detectron2")
     setup_logger(str(out), name="nuclei_d2")
-    opts = ["OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", str(max_iter), *(opts or [])]
-    cfg = setup_cfg(config_file, _steps_within(config_file, opts, max_iter) + opts)
+    cfg = demo_cfg(config_file, out, max_iter, opts)
 
-    trainer = NucleiTrainer(cfg)
+    trainer = NucleiTrainer(cfg)  # writes OUTPUT_DIR/config.yaml
     trainer.resume_or_load(resume=False)
     trainer.train()  # ends with an evaluation on DATASETS.TEST, written to OUTPUT_DIR/metrics_final.json
+    weights = _save_weights_only(trainer.checkpointer.model, out / "model_final.pth", trainer.iter - 1)
 
     from ..inference import NucleiPredictor, save_overlay
 
     pred_cfg = cfg.clone()
     pred_cfg.defrost()
-    pred_cfg.MODEL.WEIGHTS = str(out / "model_final.pth")
+    pred_cfg.MODEL.WEIGHTS = str(weights)
     predictor = NucleiPredictor(pred_cfg)
     record = DatasetCatalog.get(cfg.DATASETS.TEST[0])[0]
     image = read_image_rgb(record["file_name"])
@@ -70,13 +100,14 @@ def run_demo(config_file: str, output_dir: str, max_iter: int = 150, opts: list[
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     summary = {
         "image": record["file_name"],
-        "nuclei_predicted": int(pred.max()),
-        "nuclei_in_ground_truth": int(len(set(gt.ravel().tolist()) - {0})),
+        "nuclei_predicted": count_nuclei(pred),
+        "nuclei_in_ground_truth": count_nuclei(gt),
         "overlay_png": str(overlay),
         "prediction_label_map": str(label_path),
         "metrics_json": str(metrics_path),
         "metrics": metrics,
-        "checkpoint": str(out / "model_final.pth"),
+        "checkpoint": str(weights),
+        "config": str(out / "config.yaml"),
     }
     lines = [
         "",
@@ -93,6 +124,6 @@ def run_demo(config_file: str, output_dir: str, max_iter: int = 150, opts: list[
     lines += [f"  overlay (prediction green | ground truth yellow): {overlay}",
               f"  metrics JSON: {metrics_path}",
               f"  predicted label map: {label_path}",
-              f"  model: {summary['checkpoint']}"]
+              f"  model: {summary['checkpoint']} (config: {summary['config']})"]
     print(os.linesep.join(lines), flush=True)
     return summary

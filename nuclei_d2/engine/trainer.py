@@ -19,7 +19,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..data.mapper import NucleiDatasetMapper
 
-__all__ = ["NucleiTrainer", "build_nuclei_evaluators", "build_optimizer"]
+__all__ = ["NucleiTrainer", "build_nuclei_evaluators", "build_optimizer", "write_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,18 @@ def build_nuclei_evaluators(cfg, dataset_name: str, output_folder: str | None = 
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
+def write_config(cfg, path: str | os.PathLike) -> str:
+    """Write ``cfg`` as YAML to ``path`` atomically.
+
+    ``OUTPUT_DIR/config.yaml`` beside the weights is what rebuilds the model they belong to
+    (``--config-file OUTPUT_DIR/config.yaml MODEL.WEIGHTS OUTPUT_DIR/model_final.pth``).
+    """
+    from ..data.io import atomic_write
+
+    text = cfg.dump()
+    return str(atomic_write(path, lambda tmp: tmp.write_text(text)))
+
+
 class NucleiTrainer(DefaultTrainer):
     """``DefaultTrainer`` for nuclei: :class:`NucleiDatasetMapper` for train and test, nuclei evaluators, Adam(W).
 
@@ -89,6 +101,8 @@ class NucleiTrainer(DefaultTrainer):
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
+        if comm.is_main_process():  # every trained model gets its config beside it (train_net, the demo, ...)
+            write_config(cfg, os.path.join(cfg.OUTPUT_DIR, "config.yaml"))
         self.register_hooks(self.build_hooks())
 
     @classmethod
