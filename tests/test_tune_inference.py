@@ -67,7 +67,8 @@ def test_checkpoint_is_loaded_for_every_grid_point(tmp_path):
 def test_tool_prints_the_table_writes_the_config_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "tuned.yaml"
     rc = main(["--config-file", CLASSICAL, "--dataset", "nuclei_synth_test", "--max-images", "1", "--grid",
-               "MODEL.CLASSICAL.THRESHOLD_SCALE=0.8,1.2", "--output", str(out), "MODEL.DEVICE", "cpu"])
+               "MODEL.CLASSICAL.THRESHOLD_SCALE=0.8,1.2", "--output", str(out), "MODEL.DEVICE", "cpu",
+               "OUTPUT_DIR", str(tmp_path / "runs")])  # the grid's metrics: not into the clone's output/
     assert rc == 0
     printed = capsys.readouterr().out
     assert "2 settings on 1 image of nuclei_synth_test" in printed and str(out) in printed
@@ -80,8 +81,8 @@ def test_tool_prints_the_table_writes_the_config_and_refuses_bad_input(tmp_path,
     assert "no_such_dataset" in capsys.readouterr().err
     assert main(["--config-file", CLASSICAL, "--grid", "MODEL.CLASSICAL.MIN_SIZE"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
-    assert main(["--config-file", CLASSICAL, "--dataset", "nuclei_synth_test", "--max-images", "1", "--metric",
-                 "NOPE", "--grid", "MODEL.CLASSICAL.MIN_SIZE=5"]) == 2
+    assert main(["--config-file", CLASSICAL, "--dataset", "nuclei_synth_test", "--max-images", "1", "--grid",
+                 "MODEL.CLASSICAL.MIN_SIZE=5", "--metric", "NOPE", "OUTPUT_DIR", str(tmp_path / "runs")]) == 2
     assert "NOPE" in capsys.readouterr().err
     assert not (tmp_path / "other.yaml").exists()
 
@@ -98,7 +99,7 @@ def test_tool_takes_weights_for_a_config_whose_own_weights_do_not_exist(tmp_path
     assert main(["--config-file", config, "--weights", str(tmp_path / "random.pth"), "--dataset",
                  "nuclei_synth_test", "--max-images", "1", "--grid", "MODEL.TWO_STAGE.DILATE=1", "--output",
                  str(tmp_path / "t.yaml"), "MODEL.DEVICE", "cpu", "MODEL.TILING.PATCH_SIZE", "128",
-                 "MODEL.TILING.STRIDE", "96"]) == 0
+                 "MODEL.TILING.STRIDE", "96", "OUTPUT_DIR", str(tmp_path / "runs")]) == 0
     assert "DILATE: 1.0" in (tmp_path / "t.yaml").read_text()
 
 
