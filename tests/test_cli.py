@@ -147,3 +147,45 @@ def test_unprepared_user_dataset_names_its_json(tmp_path):
         check_datasets(["my_unprepared"], "--dataset")
     finally:
         unregister_nuclei_dataset("my_unprepared")
+
+
+@pytest.fixture
+def broken_dataset(tmp_path):
+    """A registered dataset whose JSON exists but lists an image file that does not."""
+    import json
+
+    from nuclei_d2.data.datasets import register_nuclei_dataset, unregister_nuclei_dataset
+
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": str(tmp_path / "gone.png"), "height": 8,
+                                            "width": 8}],
+                                "annotations": [], "categories": [{"id": 1, "name": "nucleus"}]}))
+    register_nuclei_dataset("broken_images_ds", path)
+    yield path
+    unregister_nuclei_dataset("broken_images_ds")
+
+
+@pytest.mark.parametrize("tool", ["tune_classical", "tune_inference"])
+def test_tune_tools_report_missing_images_in_one_line(tool, broken_dataset, tmp_path, capsys):
+    from conftest import load_tool
+
+    args = ["--no-progress"] if tool == "tune_classical" else ["--grid", "MODEL.CLASSICAL.MIN_SIZE=5,10"]
+    args += ["--config-file", str(CONFIGS / "classical_watershed.yaml"), "--dataset", "broken_images_ds",
+             "--output", str(tmp_path / "tuned.yaml")]
+    assert load_tool(tool).main([*args, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "broken_images_ds" in err and "gone.png" in err
+    assert not (tmp_path / "tuned.yaml").exists()
+
+
+@pytest.mark.slow
+def test_train_net_reports_missing_images_in_one_line(python, broken_dataset, tmp_path):
+    cmd = [python, str(REPO / "tools" / "train_net.py"), "--config-file", TINY, "MODEL.DEVICE", "cpu",
+           "OUTPUT_DIR", str(tmp_path / "out"), "DATASETS.REGISTER", repr([f"broken_images_ds:{broken_dataset}"]),
+           "DATASETS.TRAIN", "('broken_images_ds',)"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: dataset 'broken_images_ds': 1 image file(s) listed in" in proc.stderr and "gone.png" in proc.stderr

@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     from detectron2.data import DatasetCatalog
     from tabulate import tabulate
 
+    from ..data.datasets import DatasetLoadError
     from ..evaluation.evaluator import load_ground_truth
     from .defaults import ConfigError, check_datasets, setup_cfg
 
@@ -128,10 +129,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; "
                               "tune_classical.py tunes ClassicalWatershed configs")
         check_datasets([args.dataset], "--dataset")
-    except ConfigError as e:
+        records = DatasetCatalog.get(args.dataset)
+    except (ConfigError, DatasetLoadError) as e:  # DatasetLoadError: the JSON's images moved, a bad JSON, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
-    records = DatasetCatalog.get(args.dataset)
     if args.max_images > 0:
         records = records[: args.max_images]
     if not records:

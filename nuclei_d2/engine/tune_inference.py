@@ -231,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from tabulate import tabulate
 
+    from ..data.datasets import DatasetLoadError
     from .defaults import ConfigError, setup_cfg
 
     try:
@@ -239,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = setup_cfg(args.config_file, [*args.opts, *weights], eval_only=True)  # fail early on bad input
         rows = tune_inference(args.config_file, args.dataset, grid, weights=args.weights, opts=args.opts,
                               metric=args.metric, max_images=args.max_images, reuse_maps=args.reuse_maps)
-    except (ConfigError, KeyError, ValueError) as e:
+    except (ConfigError, DatasetLoadError, KeyError, ValueError) as e:  # DatasetLoadError: e.g. images moved
         print(f"error: {e}", file=sys.stderr)
         return 2
     cols = [*grid, *dict.fromkeys([args.metric, *SHOWN])]
