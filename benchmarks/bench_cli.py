@@ -61,7 +61,7 @@ def main() -> None:
              f"{m / pkg_m:.0%}"] for name, (t, m) in results.items()]
     print(f"{args.repeats} runs each, {py} ({sys.version.split()[0]}), {os.cpu_count()} CPUs")
     print(tabulate(rows, headers=["command", "wall s (median)", "vs pass", "vs import nuclei_d2", "peak RSS MB",
-                                  "vs pass", "vs import nuclei_d2"], stralign="right"))
+                                  "vs pass", "vs import nuclei_d2"], stralign="right", disable_numparse=True))
 
 
 if __name__ == "__main__":
