@@ -24,6 +24,7 @@ if [ "$rc" -eq 5 ]; then
 fi
 
 left_kb=$(du -sk "$tmp_root" | cut -f1)
+echo "[test] the tests left $((left_kb / 1024)) MB in the temporary folder (limit ${limit_mb} MB)" >&2
 if [ "$rc" -eq 0 ] && [ "$left_kb" -gt $((limit_mb * 1024)) ]; then
   echo "error: the tests left $((left_kb / 1024)) MB in the temporary folder $tmp_root (limit ${limit_mb} MB;" \
        "use tmp_path, or remove what you create). Largest files left:" >&2

@@ -188,11 +188,11 @@ def test_test_sh_fails_when_the_tests_leave_temporary_files(tmp_path, leak):
     out = proc.stdout + proc.stderr
     assert "1 passed" in out, out[-3000:]
     if leak:
-        assert proc.returncode != 0 and "the tests left 3 MB in the temporary folder" in out, out[-3000:]
+        assert proc.returncode != 0 and "error: the tests left 3 MB in the temporary folder" in out, out[-3000:]
         assert "big.bin" in out  # the largest entries are named
     else:
         assert proc.returncode == 0 or "All checks passed" not in out, out[-3000:]
-        assert "the tests left" not in out, out[-3000:]
+        assert "error: the tests left" not in out and "the tests left 0 MB" in out, out[-3000:]
         assert list((tmp_path / "sys_tmp").iterdir()) == []  # its private temp folder is gone
 
 
