@@ -31,15 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _model(config: str, opts: list[str], weights: str = ""):
-    from detectron2.checkpoint import DetectionCheckpointer
-
+    from nuclei_d2.checkpoint import NucleiCheckpointer
     from nuclei_d2.engine import setup_cfg
     from nuclei_d2.modeling import build_nuclei_model
 
     cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", *opts, *(["MODEL.WEIGHTS", weights] if weights else [])])
     model = build_nuclei_model(cfg).eval()
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        NucleiCheckpointer.from_config(model, cfg, config_file=config).load(weights)
     return cfg, model
 
 

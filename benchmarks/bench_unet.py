@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
 
 
 def _rss_mb() -> float:
@@ -84,9 +85,9 @@ def _image(size: int, path: str = "") -> np.ndarray:
 
 def _model(config: str, weights: str, tiled: bool, threads: int, opts: list[str]):
     import torch
-    from detectron2.checkpoint import DetectionCheckpointer
 
     import nuclei_d2  # noqa: F401
+    from nuclei_d2.checkpoint import NucleiCheckpointer
     from nuclei_d2.engine import setup_cfg
     from nuclei_d2.modeling import build_nuclei_model
 
@@ -96,7 +97,7 @@ def _model(config: str, weights: str, tiled: bool, threads: int, opts: list[str]
                              *opts], eval_only=True)
     model = build_nuclei_model(cfg).eval()
     if weights:
-        DetectionCheckpointer(model).load(weights)
+        NucleiCheckpointer.from_config(model, cfg, config_file=config).load(weights)
     return model, cfg
 
 

@@ -27,7 +27,23 @@ def add_nuclei_config(cfg: CN) -> CN:
     _add_tta_config(cfg)
     _add_inference_config(cfg)
     _add_brpnet_config(cfg)
+    _add_checkpoint_config(cfg)
     return cfg
+
+
+def _add_checkpoint_config(cfg: CN) -> None:
+    """How weights files are loaded (nuclei_d2/checkpoint.py, docs/checkpoints.md): every checkpoint (MODEL.WEIGHTS,
+    DISTANCE_WEIGHTS, STAGE1_WEIGHTS, DENSENET_WEIGHTS, TEST.ENSEMBLE.WEIGHTS) is read with
+    torch.load(weights_only=True), which loads tensors and plain containers and never runs code."""
+    c = cfg.MODEL.CHECKPOINT = CN()
+    # Also read .pkl checkpoints (Detectron2 model zoo / Caffe2 format). They are Python pickles: unpickling one can
+    # run arbitrary code on this machine, so turn this on only for files from a source you trust.
+    c.ALLOW_PICKLE = False
+    # Load MODEL.WEIGHTS (and TEST.ENSEMBLE.WEIGHTS) even if it leaves more than 10% of the model's weight tensors (or
+    # of their elements) missing or of another shape; those keep their random initialisation. For intentional partial
+    # loading, e.g. fine-tuning from a backbone; otherwise such a file (another architecture or width) is refused
+    # before anything runs.
+    c.ALLOW_PARTIAL = False
 
 
 def _add_augment_and_target_config(cfg: CN) -> None:

@@ -358,8 +358,14 @@ def test_stage2_loads_stage1_and_trains_refinement(tmp_path):
 def test_stage2_rejects_bad_stage1_checkpoint(tmp_path):
     from detectron2.modeling import build_model
 
+    from nuclei_d2.engine.defaults import build_cfg
+
+    # the tools' setup_cfg stops at a missing file first (tests/test_checkpoint.py); the model says it too
+    with pytest.raises(ValueError, match="STAGE1_WEIGHTS: weights file not found"):
+        tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", str(tmp_path / "x.pth"))
     with pytest.raises(FileNotFoundError, match="stage-1 checkpoint not found"):
-        build_model(tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", str(tmp_path / "x.pth")))
+        build_model(build_cfg(str(CONFIGS / "brpnet_stage2-tiny.yaml"),
+                              ["MODEL.DEVICE", "cpu", "MODEL.BRPNET.STAGE1_WEIGHTS", str(tmp_path / "x.pth")]))
     torch.save({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "y.pth")
     with pytest.raises(ValueError, match="no 'tafe"):
         build_model(tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", str(tmp_path / "y.pth")))

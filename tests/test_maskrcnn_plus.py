@@ -199,8 +199,12 @@ def test_wrong_distance_weights_give_a_clear_error(tmp_path):
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "not_a_unet.pth")
     with pytest.raises(ValueError, match="not_a_unet.pth does not match the distance U-Net"):
         build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", str(tmp_path / "not_a_unet.pth")))
+    # the tools' setup_cfg stops at a missing file first (tests/test_checkpoint.py); the model says it too
+    with pytest.raises(ValueError, match="DISTANCE_WEIGHTS: weights file not found: '/no/such.pth'"):
+        tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "/no/such.pth")
     with pytest.raises(FileNotFoundError, match="DISTANCE_WEIGHTS: file not found: '/no/such.pth'"):
-        build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "/no/such.pth"))
+        build_model(build_cfg(str(CONFIGS / TINY), ["MODEL.DEVICE", "cpu", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS",
+                                                    "/no/such.pth"]))
     with pytest.raises(ValueError, match="describes a 'GeneralizedRCNN'"):
         build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG", str(CONFIGS / "maskrcnn_baseline.yaml")))
 

@@ -72,20 +72,21 @@ def setup(args):
 
 def run(args):
     """One process of the run (Detectron2's ``launch`` starts ``--num-gpus`` of them)."""
-    # (neither imports detectron2.modeling, whose import warnings nuclei_d2 quiets: see nuclei_d2/__init__)
-    from detectron2.checkpoint import DetectionCheckpointer
+    # (detectron2.utils does not import detectron2.modeling, whose import warnings nuclei_d2 quiets: see its __init__)
     from detectron2.utils import comm
 
+    from nuclei_d2.checkpoint import NucleiCheckpointer
     from nuclei_d2.engine import NucleiTrainer, leave_process_group
 
     cfg = setup(args)
     if args.eval_only:
         model = NucleiTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        NucleiCheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR, config_file=args.config_file).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume)
         res = NucleiTrainer.test(cfg, model)
         res = res if comm.is_main_process() else None
     else:
-        trainer = NucleiTrainer(cfg)
+        trainer = NucleiTrainer(cfg, config_file=args.config_file)
         trainer.resume_or_load(resume=args.resume)
         res = trainer.train()
     leave_process_group()

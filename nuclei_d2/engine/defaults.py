@@ -10,12 +10,13 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from detectron2.config import CfgNode, get_cfg
 
 from ..config import add_nuclei_config
+from ..errors import CheckpointError, ConfigError  # re-exported: tools import them from here
 
 #: Meta-architectures without weights (evaluated only).
 UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
@@ -26,12 +27,9 @@ UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
 RANDOM_INIT_OPTS = ("MODEL.WEIGHTS", "", "MODEL.BRPNET.STAGE1_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "",
                     "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True")
 
-__all__ = ["RANDOM_INIT_OPTS", "UNTRAINABLE_ARCHITECTURES", "ConfigError", "build_cfg", "check_datasets",
-           "check_weights", "leave_process_group", "setup_cfg", "write_override_config"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix (the message says how)."""
+__all__ = ["RANDOM_INIT_OPTS", "UNTRAINABLE_ARCHITECTURES", "CheckpointError", "ConfigError", "build_cfg",
+           "check_config_weights", "check_datasets", "check_weights", "leave_process_group", "setup_cfg",
+           "weights_in_use", "write_override_config"]
 
 
 def _all_keys(node: CfgNode, prefix: str = "") -> Iterable[str]:
@@ -132,21 +130,132 @@ def write_override_config(path: str | os.PathLike, base_config: str | os.PathLik
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def check_weights(path: str, resume: bool = False, output_dir: str | None = None) -> None:
-    """Raise ConfigError if ``MODEL.WEIGHTS`` names a local file that does not exist.
+_REPO = Path(__file__).resolve().parents[2]
 
-    URLs (``detectron2://``, ``https://``) are left to Detectron2 (they need internet). With ``--resume`` and a
-    checkpoint in ``output_dir`` the weights are not used, so they are not checked.
+
+def _weights_missing(path: str, repo_relative: bool = False) -> bool:
+    """A local weights file that does not exist (URLs are left to Detectron2: they need internet)."""
+    if "://" in path:
+        return False
+    p = os.path.expanduser(path)
+    if os.path.isfile(p):
+        return False
+    return not (repo_relative and not os.path.isabs(p) and (_REPO / p).is_file())
+
+
+def check_weights(path: str, resume: bool = False, output_dir: str | None = None, *, key: str = "MODEL.WEIGHTS",
+                  allow_pickle: bool = False, hint: Callable[[], str] | None = None,
+                  repo_relative: bool = False) -> None:
+    """Raise ConfigError if the weights file ``path`` (config key ``key``) does not exist, or CheckpointError if it
+    is a ``.pkl`` the user did not allow (unpickling can run code).
+
+    ``hint()`` says how to produce a missing file. With ``--resume`` and a checkpoint in ``output_dir``,
+    ``MODEL.WEIGHTS`` is not used, so it is not checked. ``repo_relative``: the loader also tries the path from the
+    repository (``DISTANCE_WEIGHTS`` does).
     """
+    from ..checkpoint import check_pickle_allowed
+
     if not path:
         return
-    if resume and output_dir and os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
+    if key == "MODEL.WEIGHTS" and resume and output_dir and os.path.isfile(os.path.join(output_dir, "last_checkpoint")):
         return
-    if "://" in path:
-        return
-    if not os.path.isfile(os.path.expanduser(path)):
-        raise ConfigError(f"MODEL.WEIGHTS: weights file not found: {path!r} (give a local .pth/.pkl file, or '' "
-                          "to train from random initialisation)")
+    check_pickle_allowed(path, allow_pickle, key)
+    if _weights_missing(path, repo_relative):
+        how = hint() if hint is not None else ""
+        if not how and key == "MODEL.WEIGHTS":
+            how = "give a local .pth file, or '' to train from random initialisation"
+        raise ConfigError(f"{key}: weights file not found: {path!r}" + (f"; {how}" if how else ""))
+
+
+def _config_value(config: Path, key: str, depth: int = 0) -> object:
+    """A top-level key of a YAML config, following ``_BASE_`` (without building the config)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if key in data:
+        return data[key]
+    base = data.get("_BASE_")
+    if isinstance(base, str) and depth < 10:
+        return _config_value(config.parent / os.path.expanduser(base), key, depth + 1)
+    return None
+
+
+def _shown_path(path: Path) -> str:
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def _producing_command(key: str, path: str, cfg: CfgNode, config_file: str | None) -> str:
+    """The ``train_net`` command that writes the missing weights file ``path`` (or a hint when none is known).
+
+    ``model_final.pth`` is written to a run's OUTPUT_DIR: the producer is DISTANCE_CONFIG for the distance U-Net,
+    otherwise the config (in configs/ or beside ``config_file``) whose OUTPUT_DIR holds the file, e.g. a stage-1
+    config for a stage-2 config's STAGE1_WEIGHTS / MODEL.WEIGHTS, the pre-training config for a fine-tuning one.
+    """
+    fallback = {
+        "MODEL.BRPNET.STAGE1_WEIGHTS": "train stage 1 first (MODEL.BRPNET.TRAIN_STAGE 1, e.g. configs/brpnet.yaml) "
+                                       "and give its model_final.pth",
+        "MODEL.BRPNET.DENSENET_WEIGHTS": "give torchvision's densenet121 state dict (densenet121-a639ec97.pth; "
+                                         "nothing is downloaded), or '' to start TAFE from random initialisation",
+    }.get(key, "")
+    target = os.path.abspath(os.path.expanduser(path))
+    if "://" in path or os.path.basename(target) != "model_final.pth":
+        return fallback
+    out_dir = os.path.dirname(target)
+    producer: str | None = None
+    if key == "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS":
+        dist = cfg.MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG
+        if os.path.isfile(dist):
+            producer = dist
+        elif (_REPO / dist).is_file():
+            producer = _shown_path(_REPO / dist)
+    else:
+        folders = [_REPO / "configs"] + ([Path(config_file).resolve().parent] if config_file else [])
+        for config in sorted({c.resolve() for folder in dict.fromkeys(folders) for c in folder.glob("*.yaml")}):
+            written = _config_value(config, "OUTPUT_DIR")
+            if isinstance(written, str) and os.path.abspath(os.path.expanduser(written)) == out_dir:
+                producer = _shown_path(config)
+                break
+    if producer is None:
+        return fallback
+    command = f"python tools/train_net.py --config-file {producer}"
+    written = _config_value(Path(producer), "OUTPUT_DIR")
+    if not (isinstance(written, str) and os.path.abspath(os.path.expanduser(written)) == out_dir):
+        command += f" OUTPUT_DIR {os.path.dirname(path) or '.'}"
+    return f"produce it with: {command}"
+
+
+def weights_in_use(cfg: CfgNode) -> list[tuple[str, str]]:
+    """Every (config key, weights path) the model a config describes will load; empty paths included.
+
+    DISTANCE_WEIGHTS only counts when Mask R-CNN+ predicts a distance channel, STAGE1/DENSENET_WEIGHTS only for
+    BRP-Net: other configs inherit them without using them.
+    """
+    m = cfg.MODEL
+    out = [("MODEL.WEIGHTS", m.WEIGHTS)]
+    if (m.META_ARCHITECTURE == "MaskRCNNPlus" and "distance" in cfg.INPUT.EXTRA_CHANNELS
+            and m.MASKRCNN_PLUS.DISTANCE_SOURCE == "unet"):
+        out.append(("MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", m.MASKRCNN_PLUS.DISTANCE_WEIGHTS))
+    if m.META_ARCHITECTURE == "BRPNet":
+        out += [("MODEL.BRPNET.STAGE1_WEIGHTS", m.BRPNET.STAGE1_WEIGHTS),
+                ("MODEL.BRPNET.DENSENET_WEIGHTS", m.BRPNET.DENSENET_WEIGHTS)]
+    out += [(f"TEST.ENSEMBLE.WEIGHTS[{i}]", w) for i, w in enumerate(cfg.TEST.ENSEMBLE.WEIGHTS)]
+    return out
+
+
+def check_config_weights(cfg: CfgNode, config_file: str | None = None, resume: bool = False) -> None:
+    """:func:`check_weights` for every weights file the config names, before anything starts: a missing one is one
+    line naming the key, the path and the command that produces it."""
+    allow_pickle = bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE)
+    for key, path in weights_in_use(cfg):
+        check_weights(path, resume=resume, output_dir=cfg.OUTPUT_DIR, key=key, allow_pickle=allow_pickle,
+                      hint=lambda k=key, p=path: _producing_command(k.split("[")[0], p, cfg, config_file),
+                      repo_relative=key == "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS")
 
 
 #: Display names of the families of Detectron2's built-in datasets (by the first word of their names).
@@ -235,7 +344,7 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"DATASETS.REGISTER: {e}") from e
     _fall_back_to_cpu(cfg)
-    check_weights(cfg.MODEL.WEIGHTS, resume=resume, output_dir=cfg.OUTPUT_DIR)
+    check_config_weights(cfg, config_file, resume=resume)
     if not eval_only:
         if cfg.MODEL.META_ARCHITECTURE in UNTRAINABLE_ARCHITECTURES:
             raise ConfigError(f"{cfg.MODEL.META_ARCHITECTURE} has nothing to train: run it with --eval-only "

@@ -9,7 +9,6 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
@@ -17,6 +16,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from ..checkpoint import NucleiCheckpointer
 from ..data.mapper import NucleiDatasetMapper
 
 __all__ = ["NucleiTrainer", "build_nuclei_evaluators", "build_optimizer", "write_config"]
@@ -83,7 +83,7 @@ class NucleiTrainer(DefaultTrainer):
     on the gloo backend (Detectron2's own trainer passes a GPU id and fails there).
     """
 
-    def __init__(self, cfg):  # noqa: D107  (mirrors DefaultTrainer.__init__ but for the DDP line)
+    def __init__(self, cfg, config_file: str | None = None):  # noqa: D107  (DefaultTrainer.__init__ but for DDP)
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -97,7 +97,9 @@ class NucleiTrainer(DefaultTrainer):
                                  **({"device_ids": None} if on_cpu else {}))
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        # weights_only loading and the fit check (nuclei_d2/checkpoint.py); config_file is named in its errors
+        self.checkpointer = NucleiCheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR, config_file=config_file,
+                                                           trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -183,8 +183,7 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
         ConfigError: a key that does not exist, a value it cannot take, an unregistered dataset.
         KeyError: ``metric`` is not one the evaluator reports.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
-
+    from ..checkpoint import NucleiCheckpointer
     from ..inference.test_time import build_test_time_wrapper
     from .defaults import check_datasets, setup_cfg
     from .trainer import NucleiTrainer
@@ -206,7 +205,7 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
         cfg.freeze()
         logger.info("grid point %d/%d: %s", i + 1, len(points), " ".join(point_opts))
         model = NucleiTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+        NucleiCheckpointer.from_config(model, cfg, config_file=config_file).load(cfg.MODEL.WEIGHTS)
         wrapped = build_test_time_wrapper(cfg, model)  # TEST.AUG / TEST.ENSEMBLE, as NucleiTrainer.test does
         if reuse_maps and len(points) > 1 and maps_reusable(wrapped, keys):
             cached = CachedDenseMaps(wrapped, cache)

@@ -72,8 +72,7 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         FileNotFoundError: a weights or config file does not exist (the message names it).
         ValueError: ``configs`` has a bad length, or a member needs an input channel the main config lacks.
     """
-    from detectron2.checkpoint import DetectionCheckpointer
-
+    from ..checkpoint import NucleiCheckpointer
     from ..modeling.build import build_nuclei_model
 
     weights, configs = list(weights), list(configs)
@@ -85,7 +84,7 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
     for i, path in enumerate(weights):
         if "://" not in path and not os.path.isfile(os.path.expanduser(path)):
             raise FileNotFoundError(f"TEST.ENSEMBLE.WEIGHTS[{i}]: weights file not found: {path!r}")
-        mcfg = cfg
+        mcfg, cfile = cfg, None
         if configs:
             cfile = configs[i] if len(configs) > 1 else configs[0]
             if not os.path.isfile(cfile):
@@ -97,7 +96,8 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         mcfg.defrost()
         mcfg.MODEL.WEIGHTS = path
         model = build_nuclei_model(mcfg)
-        DetectionCheckpointer(model).load(path)
+        # the main config's MODEL.CHECKPOINT flags (the user's command line) govern every member's file
+        NucleiCheckpointer.from_config(model, cfg, config_file=cfile).load(path)
         model.eval()
         channels = _channel_map(input_channel_names(mcfg), input_names, f"TEST.ENSEMBLE member {path!r}")
         members.append(EnsembleMember(model, channels, name=os.path.basename(path)))

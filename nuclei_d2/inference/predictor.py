@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import Instances
 
+from ..checkpoint import NucleiCheckpointer
 from ..data.io import to_rgb_uint8
 from ..data.mapper import NucleiDatasetMapper
 from .merge import CropMasks
@@ -51,7 +51,7 @@ class NucleiPredictor:
         self.model = build_nuclei_model(self.cfg)
         self.model.eval()
         if cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(cfg.MODEL.WEIGHTS)
+            NucleiCheckpointer.from_config(self.model, cfg).load(cfg.MODEL.WEIGHTS)
         self.mapper = NucleiDatasetMapper(self.cfg, is_train=False)
 
     @torch.no_grad()

@@ -47,6 +47,7 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import ImageList
 from torch import nn
 
+from ..checkpoint import CheckpointError, load_checkpoint_file, model_state_of
 from .distance_unet import DistanceUNet
 
 __all__ = ["MaskRCNNPlus", "build_distance_unet", "load_distance_unet_weights"]
@@ -89,28 +90,28 @@ def build_distance_unet(config_file: str, device: str = "cpu") -> tuple[Distance
     return DistanceUNet(dcfg), dcfg
 
 
-def load_distance_unet_weights(net: DistanceUNet, weights: str) -> None:
-    """Load a ``DistanceUNet`` checkpoint (``model_final.pth`` of a ``train_net`` run, or a bare state dict) strictly.
+def load_distance_unet_weights(net: DistanceUNet, weights: str, *, allow_pickle: bool = False) -> None:
+    """Load a ``DistanceUNet`` checkpoint (``model_final.pth`` of a ``train_net`` run, or a bare state dict) strictly,
+    through the safe loader (:func:`nuclei_d2.checkpoint.load_checkpoint_file`; ``.pkl`` only with ``allow_pickle``).
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file does not hold this distance U-Net (the message lists missing/unexpected keys).
+        CheckpointError (a ValueError): the file cannot be read safely, or does not hold this distance U-Net (the
+            message lists missing/unexpected keys).
     """
-    path = _resolve(weights, "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS: {path} holds no state dict")
-    state = {k: torch.as_tensor(v) for k, v in state.items()}
+    key = "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS"
+    path = _resolve(weights, key)
+    ckpt = load_checkpoint_file(path, allow_pickle=allow_pickle, what=key)
+    state = {k: torch.as_tensor(v) for k, v in model_state_of(ckpt).items()}
     own = net.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     if missing or unexpected or bad_shape:
-        raise ValueError(f"MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS: {path} does not match the distance U-Net of "
-                         f"MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG (missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"different shapes {bad_shape[:5]}); train it with that config "
-                         "(python tools/train_net.py --config-file configs/distance_unet.yaml)")
+        raise CheckpointError(f"MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS: {path} does not match the distance U-Net of "
+                              f"MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG (missing {missing[:5]}, unexpected "
+                              f"{unexpected[:5]}, different shapes {bad_shape[:5]}); train it with that config "
+                              "(python tools/train_net.py --config-file configs/distance_unet.yaml)")
     net.load_state_dict(state, strict=True)
 
 
@@ -219,7 +220,7 @@ class MaskRCNNPlus(GeneralizedRCNN):
             kwargs["distance_unet"] = net
             kwargs["distance_channels"] = [names.index(n) for n in dnames]
             if mp.DISTANCE_WEIGHTS:
-                load_distance_unet_weights(net, mp.DISTANCE_WEIGHTS)
+                load_distance_unet_weights(net, mp.DISTANCE_WEIGHTS, allow_pickle=cfg.MODEL.CHECKPOINT.ALLOW_PICKLE)
                 kwargs["distance_trained"] = True
                 kwargs["keep_distance_weights"] = True
                 logger.info("Mask R-CNN+: distance U-Net loaded from %s", mp.DISTANCE_WEIGHTS)
@@ -227,6 +228,11 @@ class MaskRCNNPlus(GeneralizedRCNN):
                 logger.info("Mask R-CNN+: MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS is empty: the distance U-Net must come "
                             "from MODEL.WEIGHTS (a trained Mask R-CNN+ checkpoint) for inference")
         return kwargs
+
+    def checkpoint_kept_prefixes(self) -> tuple[str, ...]:
+        """State-dict keys loading a checkpoint leaves alone (see :func:`_keep_distance_unet_hook`): the fit check of
+        :class:`nuclei_d2.checkpoint.NucleiCheckpointer` does not count them as missing."""
+        return ("distance_unet.", "distance_trained") if self._keep_distance_weights else ()
 
     def train(self, mode: bool = True) -> MaskRCNNPlus:
         super().train(mode)

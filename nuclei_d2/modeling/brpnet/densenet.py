@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torchvision.models.densenet import _DenseBlock, _Transition
 
+from ...checkpoint import load_checkpoint_file
+
 __all__ = ["DenseNetEncoder"]
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ class DenseNetEncoder(nn.Module):
         outs[-1] = torch.relu(self.features.norm5(outs[-1]))
         return outs
 
-    def load_torchvision_weights(self, path: str) -> list[str]:
+    def load_torchvision_weights(self, path: str, *, allow_pickle: bool = False) -> list[str]:
         """Load a torchvision ``densenet121`` state dict (e.g. ``densenet121-a639ec97.pth``) from ``path``.
 
         Accepts the old ``norm.1`` key style, a ``{"state_dict": ...}`` / ``{"model": ...}`` wrapper and keys with or
@@ -96,7 +98,7 @@ class DenseNetEncoder(nn.Module):
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: DenseNet weights file not found (MODEL.BRPNET.DENSENET_WEIGHTS)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(path, allow_pickle=allow_pickle, what="MODEL.BRPNET.DENSENET_WEIGHTS")
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and key in state and isinstance(state[key], dict):
                 state = state[key]

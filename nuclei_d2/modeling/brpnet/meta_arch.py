@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ...checkpoint import CheckpointError, load_checkpoint_file, model_state_of
 from ..dense_base import DenseSegmentor, dense_base_kwargs
 from .densenet import DenseNetEncoder
 from .proposals import assign_proposal_labels, extract_proposals, proposal_boxes
@@ -42,26 +43,26 @@ logger = logging.getLogger(__name__)
 INFERENCE_MODES = ("refine", "proposals")
 
 
-def load_stage1_weights(model: BRPNet, path: str) -> int:
-    """Load the ``tafe.*`` tensors of a stage-1 checkpoint (a train_net ``model_final.pth``) into ``model.tafe``.
+def load_stage1_weights(model: BRPNet, path: str, *, allow_pickle: bool = False) -> int:
+    """Load the ``tafe.*`` tensors of a stage-1 checkpoint (a train_net ``model_final.pth``) into ``model.tafe``,
+    through the safe loader (:func:`nuclei_d2.checkpoint.load_checkpoint_file`; ``.pkl`` only with ``allow_pickle``).
 
     Raises:
-        FileNotFoundError / ValueError: missing file, or no (or mismatching) TAFE tensors in it.
+        FileNotFoundError / ValueError: missing file, or no (or mismatching) TAFE tensors in it (CheckpointError, a
+            ValueError, when the file cannot be read safely).
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: stage-1 checkpoint not found (MODEL.BRPNET.STAGE1_WEIGHTS); train stage 1 "
                                 "first (configs/brpnet.yaml)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    state = model_state_of(load_checkpoint_file(path, allow_pickle=allow_pickle, what="MODEL.BRPNET.STAGE1_WEIGHTS"))
     tafe = {k[len("tafe."):]: v for k, v in state.items() if k.startswith("tafe.")}
     if not tafe:
-        raise ValueError(f"{path}: no 'tafe.*' tensors; is it a BRP-Net stage-1 checkpoint?")
+        raise CheckpointError(f"{path}: no 'tafe.*' tensors; is it a BRP-Net stage-1 checkpoint?")
     own = model.tafe.state_dict()
     bad = [k for k, v in tafe.items() if k not in own or tuple(own[k].shape) != tuple(torch.as_tensor(v).shape)]
     missing = [k for k in own if k not in tafe]
     if bad or missing:
-        raise ValueError(f"{path}: the stage-1 TAFE does not fit this config ({len(bad)} unexpected/mismatched, "
+        raise CheckpointError(f"{path}: the stage-1 TAFE does not fit this config ({len(bad)} unexpected/mismatched, "
                          f"{len(missing)} missing tensors, e.g. {(bad + missing)[0]}); use the stage-1 config's "
                          "MODEL.BRPNET.DENSENET / WIDTH")
     model.tafe.load_state_dict({k: torch.as_tensor(v) for k, v in tafe.items()})
@@ -86,7 +87,7 @@ class BRPNet(DenseSegmentor):
                  small_size: int = 48, large_size: int = 176, mask_dilation: float = 2.0, match_iou: float = 0.5,
                  focal_gamma: float = 2.0, focal_alpha: float = -1.0, max_proposals: int = 64,
                  train_dilations: tuple[float, ...] = (), refine_threshold: float = 0.5, refine_batch: int = 64,
-                 min_size: int = 0, stage1_weights: str = "", **kwargs: Any):
+                 min_size: int = 0, stage1_weights: str = "", allow_pickle: bool = False, **kwargs: Any):
         """
         Args:
             tafe: the stage-1 network; refine_small / refine_large: the stage-2 networks (input C + 2 channels).
@@ -103,6 +104,7 @@ class BRPNet(DenseSegmentor):
             train_dilations: proposal dilation radii drawn per training image in stage 2 (empty: proposal's).
             refine_threshold, refine_batch, min_size: paste-back threshold, patches per forward, smallest object.
             stage1_weights: a stage-1 checkpoint whose ``tafe.*`` tensors are loaded (:func:`load_stage1_weights`).
+            allow_pickle: accept a ``.pkl`` stage-1 checkpoint (unpickling can run code).
         """
         kwargs.setdefault("size_divisibility", tafe.size_divisibility)
         super().__init__(**kwargs)
@@ -136,7 +138,7 @@ class BRPNet(DenseSegmentor):
         #: seconds spent in the last inference call: stage1, proposals, stage2 (for benchmarks).
         self.timings: dict[str, float] = {}
         if stage1_weights:
-            load_stage1_weights(self, stage1_weights)
+            load_stage1_weights(self, stage1_weights, allow_pickle=allow_pickle)
         for net in self._frozen_nets():
             for p in net.parameters():
                 p.requires_grad_(False)
@@ -149,7 +151,7 @@ class BRPNet(DenseSegmentor):
         backbone = DenseNetEncoder(in_ch, int(d.GROWTH_RATE), tuple(int(n) for n in d.BLOCK_CONFIG),
                                    int(d.NUM_INIT_FEATURES), int(d.BN_SIZE), stem_stride=1, stem_pool=False)
         if b.DENSENET_WEIGHTS:
-            backbone.load_torchvision_weights(b.DENSENET_WEIGHTS)
+            backbone.load_torchvision_weights(b.DENSENET_WEIGHTS, allow_pickle=cfg.MODEL.CHECKPOINT.ALLOW_PICKLE)
         tafe = TAFE(backbone, int(b.WIDTH), bool(b.FUSION), bool(b.DEEP_SUPERVISION))
         growths = tuple(int(g) for g in b.REFINE_GROWTHS)
         kwargs = {
@@ -179,6 +181,7 @@ class BRPNet(DenseSegmentor):
             "refine_batch": int(b.REFINE_BATCH),
             "min_size": int(b.MIN_SIZE),
             "stage1_weights": str(b.STAGE1_WEIGHTS),
+            "allow_pickle": bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE),
         }
         if int(b.TRAIN_STAGE) == 2 and not b.STAGE1_WEIGHTS and not cfg.MODEL.WEIGHTS:
             logger.warning("MODEL.BRPNET.TRAIN_STAGE is 2 but neither MODEL.BRPNET.STAGE1_WEIGHTS nor MODEL.WEIGHTS is "
