@@ -189,3 +189,47 @@ def test_train_net_reports_missing_images_in_one_line(python, broken_dataset, tm
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "error: dataset 'broken_images_ds': 1 image file(s) listed in" in proc.stderr and "gone.png" in proc.stderr
+
+
+@pytest.mark.parametrize("tool_name", ["train_net", "tune_inference"])
+def test_allow_pickle_flag_sets_the_config_key(tool_name):
+    from conftest import load_tool
+
+    tool = load_tool(tool_name)
+    parser = tool.build_parser()
+    assert "arbitrary code" in parser.format_help()
+    base = ["--config-file", TINY] + (["--grid", "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5"] if tool_name != "train_net"
+                                      else [])
+    args = parser.parse_args([*base, "--allow-pickle", "MODEL.DEVICE", "cpu"])
+    if tool_name == "train_net":
+        args = tool.resolve_dist_url(args)
+    else:  # tune_inference adds the override in main(), before the package sees the arguments
+        args.opts = [*args.opts, "MODEL.CHECKPOINT.ALLOW_PICKLE", "True"] if args.allow_pickle else args.opts
+    assert args.opts[-2:] == ["MODEL.CHECKPOINT.ALLOW_PICKLE", "True"]
+    plain = parser.parse_args([*base, "MODEL.DEVICE", "cpu"])
+    assert "MODEL.CHECKPOINT.ALLOW_PICKLE" not in (plain.opts or [])
+
+
+@pytest.mark.slow
+def test_train_net_eval_only_reads_a_pkl_only_with_allow_pickle(python, tmp_path):
+    """A Detectron2-model-zoo-style ``.pkl`` (a plain pickle of numpy arrays) is refused by default in one line and
+    evaluated with ``--allow-pickle``."""
+    import pickle
+
+    from nuclei_d2.engine import build_cfg
+    from nuclei_d2.modeling.build import build_nuclei_model
+
+    model = build_nuclei_model(build_cfg(TINY, ["MODEL.DEVICE", "cpu"]))
+    pkl = tmp_path / "zoo_style.pkl"
+    with open(pkl, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "__author__": "test"}, f)
+    cmd = [python, str(REPO / "tools" / "train_net.py"), "--config-file", TINY, "--eval-only", "MODEL.DEVICE", "cpu",
+           "MODEL.WEIGHTS", str(pkl), "OUTPUT_DIR", str(tmp_path / "out"), "DATASETS.SYNTHETIC.NUM_TEST", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert str(pkl) in refused.stderr and "--allow-pickle" in refused.stderr
+    assert not (tmp_path / "out" / "metrics_final.json").exists()
+    allowed = subprocess.run([*cmd[:4], "--allow-pickle", *cmd[4:]], capture_output=True, text=True, timeout=600,
+                             cwd=REPO, env=env)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]

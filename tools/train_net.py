@@ -40,6 +40,9 @@ Exit status: 0 done, 2 a config, weights or dataset problem (one line on stderr 
     p.add_argument("--resume", action="store_true",
                    help="resume from OUTPUT_DIR/last_checkpoint if it exists (else start from MODEL.WEIGHTS)")
     p.add_argument("--eval-only", action="store_true", help="perform evaluation only")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickled weights (.pkl; sets MODEL.CHECKPOINT.ALLOW_PICKLE True). Unpickling a "
+                        "file can run arbitrary code: use it only for files you trust")
     p.add_argument("--num-gpus", type=int, default=1, help="number of processes (GPUs) *per machine*")
     p.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)")
@@ -53,7 +56,9 @@ Exit status: 0 done, 2 a config, weights or dataset problem (one line on stderr 
 
 def resolve_dist_url(args: argparse.Namespace) -> argparse.Namespace:
     """Fill in Detectron2's default ``--dist-url``: a fixed port per user, so orphan processes of an earlier run show
-    up as a port in use."""
+    up as a port in use; turn ``--allow-pickle`` into its config override."""
+    if args.allow_pickle:
+        args.opts = [*(args.opts or []), "MODEL.CHECKPOINT.ALLOW_PICKLE", "True"]
     if args.dist_url is None:
         port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
         args.dist_url = f"tcp://127.0.0.1:{port}"

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "registered training split and write the best as a config file.")
     p.add_argument("--config-file", required=True, help="config of the trained model")
     p.add_argument("--weights", default="", help="checkpoint (default: the config's MODEL.WEIGHTS)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickled weights (.pkl; sets MODEL.CHECKPOINT.ALLOW_PICKLE True). Unpickling a "
+                        "file can run arbitrary code: use it only for files you trust")
     p.add_argument("--dataset", default="kumar_train", help="registered dataset to tune on (default kumar_train)")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
                    help="config key and the values to try, e.g. MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.5,0.7,0.8 "
@@ -42,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.allow_pickle:
+        args.opts = [*args.opts, "MODEL.CHECKPOINT.ALLOW_PICKLE", "True"]
     from nuclei_d2.engine.tune_inference import run  # heavy imports (torch, detectron2) only after parsing
 
     return run(args)
