@@ -34,7 +34,7 @@ fi
 if [ "$rc" -eq 0 ]; then
   rm -rf "$tmp_root"
 else
-  echo "note: this run's temporary files (failed tests' tmp_path) are kept in $tmp_root" >&2
+  echo "note: this run's temporary files (failed tests' tmp_path, leftovers) are kept in $tmp_root" >&2
 fi
 if [ "$rc" -eq 0 ] && [ "$lint_rc" -ne 0 ]; then
   rc=$lint_rc
