@@ -35,13 +35,13 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
 import nuclei_d2  # noqa: F401
-from nuclei_d2.data.io import read_image_rgb
 from nuclei_d2.data.mapper import NucleiDatasetMapper
 from nuclei_d2.data.synthetic import make_synthetic_tile
 from nuclei_d2.engine import setup_cfg
 from nuclei_d2.inference.test_time import TestTimeWrapper
 from nuclei_d2.inference.tta import parse_tta_transforms
 from nuclei_d2.modeling import build_nuclei_model
+from nuclei_d2.utils.io import read_image_rgb
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

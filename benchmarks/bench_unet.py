@@ -72,7 +72,7 @@ def _peak_mb() -> float:
 def _image(size: int, path: str = "") -> np.ndarray:
     """A ``size x size`` RGB image: the tile at ``path`` (or a synthetic 1000x1000 one) repeated as needed."""
     if path:
-        from nuclei_d2.data.io import read_image_rgb
+        from nuclei_d2.utils.io import read_image_rgb
 
         tile = read_image_rgb(path)
     else:

@@ -14,7 +14,6 @@ from conftest import CONFIGS, REPO, tiny_cfg
 
 from nuclei_d2.modeling.brpnet import (
     TAFE,
-    CosineWarmRestartsParamScheduler,
     DenseNetEncoder,
     FeatureFusionModule,
     RefineNet,
@@ -28,6 +27,7 @@ from nuclei_d2.modeling.brpnet import (
     proposal_boxes,
     smooth_truncated_loss,
 )
+from nuclei_d2.solver import CosineWarmRestartsParamScheduler, build_brpnet_lr_scheduler
 
 
 @pytest.fixture(autouse=True)
@@ -358,7 +358,7 @@ def test_stage2_loads_stage1_and_trains_refinement(tmp_path):
 def test_stage2_rejects_bad_stage1_checkpoint(tmp_path):
     from detectron2.modeling import build_model
 
-    from nuclei_d2.engine.defaults import build_cfg
+    from nuclei_d2.config import build_cfg
 
     # the tools' setup_cfg stops at a missing file first (tests/test_checkpoint.py); the model says it too
     with pytest.raises(ValueError, match="STAGE1_WEIGHTS: weights file not found"):
@@ -399,7 +399,6 @@ def test_train_net_both_stages(python, tmp_path):
 
 
 def test_build_brpnet_lr_scheduler_follows_warm_restarts():
-    from nuclei_d2.modeling.brpnet import build_brpnet_lr_scheduler
 
     cfg = tiny_cfg("brpnet-tiny.yaml", "SOLVER.MAX_ITER", "40", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.1",
                    "SOLVER.WARM_RESTARTS.FIRST_PERIOD", "10")

@@ -17,7 +17,8 @@ import pytest
 import torch
 from conftest import CONFIGS, REPO, load_tool, tiny_cfg
 
-from nuclei_d2.engine.defaults import RANDOM_INIT_OPTS, build_cfg
+from nuclei_d2.config import build_cfg
+from nuclei_d2.engine.defaults import RANDOM_INIT_OPTS
 from nuclei_d2.errors import CheckpointError, ConfigError
 
 NB = "nb_unet-tiny.yaml"

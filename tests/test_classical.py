@@ -184,7 +184,7 @@ def test_tune_tool_end_to_end_on_synthetic_tiles(tmp_path, capsys):
 def test_committed_parameters_reach_the_measured_floor_on_kumar_test(shared_data):
     """configs/classical_watershed.yaml on the 14 Kumar test tiles: the floor docs/classical.md reports (AJI 0.367,
     PQ 0.346, Dice1 0.717, computed from the released label maps here, within a small tolerance)."""
-    from nuclei_d2.data.io import read_image_rgb, read_label_map
+    from nuclei_d2.utils.io import read_image_rgb, read_label_map
 
     root = shared_data / "monuseg2018"
     split = json.loads((root / "splits.json").read_text())["kumar2017"]

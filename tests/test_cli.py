@@ -216,7 +216,7 @@ def test_train_net_eval_only_reads_a_pkl_only_with_allow_pickle(python, tmp_path
     evaluated with ``--allow-pickle``."""
     import pickle
 
-    from nuclei_d2.engine import build_cfg
+    from nuclei_d2.config import build_cfg
     from nuclei_d2.modeling.build import build_nuclei_model
 
     model = build_nuclei_model(build_cfg(TINY, ["MODEL.DEVICE", "cpu"]))

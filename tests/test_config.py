@@ -7,8 +7,9 @@ from conftest import CONFIGS
 from detectron2.config import get_cfg
 
 from nuclei_d2 import add_nuclei_config
-from nuclei_d2.engine import ConfigError, build_cfg
+from nuclei_d2.config import build_cfg
 from nuclei_d2.engine.defaults import check_datasets, check_weights
+from nuclei_d2.errors import ConfigError
 
 
 def test_add_nuclei_config_only_adds_keys():
@@ -96,7 +97,8 @@ def test_bad_lr_steps_are_named_before_training(steps, message):
 
 
 def test_integer_override_of_a_float_key_is_taken_as_a_float():
-    from nuclei_d2.engine import ConfigError, build_cfg
+    from nuclei_d2.config import build_cfg
+    from nuclei_d2.errors import ConfigError
 
     cfg = build_cfg(None, ["MODEL.NB.THRESHOLD", "1", "MODEL.TWO_STAGE.DILATE", "2", "SOLVER.MAX_ITER", "7"])
     assert cfg.MODEL.NB.THRESHOLD == 1.0 and isinstance(cfg.MODEL.NB.THRESHOLD, float)

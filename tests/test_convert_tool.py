@@ -13,7 +13,7 @@ import pytest
 from conftest import load_tool
 from PIL import Image
 
-from nuclei_d2.data.io import read_label_map
+from nuclei_d2.utils.io import read_label_map
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_dataset.py"

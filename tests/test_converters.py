@@ -28,8 +28,8 @@ from nuclei_d2.data.converters import (
     rasterize_polygons,
     select_split,
 )
-from nuclei_d2.data.io import read_image_rgb, read_label_map
 from nuclei_d2.structures import annotations_to_label_map, relabel_sequential
+from nuclei_d2.utils.io import read_image_rgb, read_label_map
 
 # ---- helpers -------------------------------------------------------------------------------------------------------
 

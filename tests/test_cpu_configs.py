@@ -29,7 +29,8 @@ def test_there_are_cpu_configs():
 @pytest.mark.parametrize("name", CPU_CONFIGS)
 def test_cpu_config_trains_a_step_and_predicts(name):
     torch.manual_seed(0)
-    from nuclei_d2.engine import RANDOM_INIT_OPTS, build_cfg
+    from nuclei_d2.config import build_cfg
+    from nuclei_d2.engine import RANDOM_INIT_OPTS
 
     assert build_cfg(str(CONFIGS / name)).DATASETS.TRAIN == ("kumar_train",)  # they target the Kumar split
     # stage-2 configs load their stage-1 model from a path; here the stage-1 part stays randomly initialised

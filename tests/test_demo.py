@@ -13,7 +13,8 @@ import yaml
 from conftest import REPO, tiny_cfg
 from PIL import Image
 
-from nuclei_d2.engine import NucleiTrainer, build_cfg
+from nuclei_d2.config import build_cfg
+from nuclei_d2.engine import NucleiTrainer
 from nuclei_d2.engine.demo import count_nuclei, demo_cfg
 from nuclei_d2.inference import NucleiPredictor, draw_outlines, save_overlay
 

@@ -17,8 +17,8 @@ from detectron2.utils.events import EventStorage
 
 import nuclei_d2.modeling.dense_base as dense_base
 from nuclei_d2.data.mapper import NucleiDatasetMapper
-from nuclei_d2.data.targets import edge_weight_map
 from nuclei_d2.engine import build_optimizer
+from nuclei_d2.layers import edge_weight_map
 from nuclei_d2.modeling import NucleusBoundaryUNet, TwoStageUNet
 
 NB_TINY = "nb_unet-tiny.yaml"

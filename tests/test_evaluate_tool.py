@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from nuclei_d2.data.io import write_label_map
 from nuclei_d2.evaluation import METRIC_KEYS, compare_predictions, compute_metrics, open_label_source, score_sources
 from nuclei_d2.evaluation.offline import load_organ_map
 from nuclei_d2.structures import label_map_to_annotations
+from nuclei_d2.utils.io import write_label_map
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = {"img0": "liver", "img1": "liver", "img2": "breast", "img3": "kidney", "img4": "kidney", "img5": "colon",

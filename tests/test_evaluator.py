@@ -15,10 +15,10 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
-from nuclei_d2.data.io import write_label_map
 from nuclei_d2.engine import leave_process_group
 from nuclei_d2.evaluation import METRIC_KEYS, NucleiEvaluator, aggregate_metrics, compute_metrics
 from nuclei_d2.structures import label_map_to_annotations, label_map_to_instances
+from nuclei_d2.utils.io import write_label_map
 
 ORGANS = ["liver", "liver", "breast", "kidney", "kidney", "colon"]
 TRAIN_ORGANS = ["Liver", "breast"]  # case differs on purpose: matching is case-insensitive

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from nuclei_d2.data.io import (
+from nuclei_d2.utils.io import (
     ImageReadError,
     atomic_write,
     read_image_rgb,

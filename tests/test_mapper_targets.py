@@ -13,7 +13,8 @@ from nuclei_d2.config import add_nuclei_config
 from nuclei_d2.data.augment import RandomRot90
 from nuclei_d2.data.mapper import NucleiDatasetMapper
 from nuclei_d2.data.synthetic import make_synthetic_tile
-from nuclei_d2.data.targets import distance_map, edge_weight_map, eroded_foreground, ternary_map
+from nuclei_d2.data.targets import distance_map, eroded_foreground, ternary_map
+from nuclei_d2.layers import edge_weight_map
 from nuclei_d2.stain import StainNormalizer, hematoxylin_channel
 from nuclei_d2.structures import label_map_to_annotations
 

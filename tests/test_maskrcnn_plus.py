@@ -19,8 +19,8 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from nuclei_d2.config import build_cfg
 from nuclei_d2.data.mapper import NucleiDatasetMapper
-from nuclei_d2.engine.defaults import build_cfg
 from nuclei_d2.engine.staged_schedule import apply_stage, build_staged_schedule_hook
 from nuclei_d2.inference.merge import CropMasks
 from nuclei_d2.inference.test_time import predict_crops
@@ -381,7 +381,7 @@ def test_train_net_staged_schedule_resume_and_tta_ensemble_eval(python, tmp_path
 def test_real_data_five_channels(shared_data):
     """On a real Kumar tile: the mapper's hematoxylin channel is nucleus-bright, the ground-truth distance channel is
     zero outside nuclei, and Mask R-CNN+ runs inference on a 300x400 piece of it."""
-    from nuclei_d2.data.io import read_image_rgb, read_label_map
+    from nuclei_d2.utils.io import read_image_rgb, read_label_map
 
     tile = "TCGA-A7-A13E-01Z-00-DX1"
     image = read_image_rgb(shared_data / "monuseg2018" / "train" / "images" / f"{tile}.tif")

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 from skimage.measure import regionprops
 
-from nuclei_d2.data.io import read_label_map
 from nuclei_d2.data.synthetic import make_synthetic_tile
 from nuclei_d2.inference.outputs import (
     CSV_COLUMNS,
@@ -26,6 +25,7 @@ from nuclei_d2.inference.outputs import (
 )
 from nuclei_d2.inference.stitching import crops_from_label_map
 from nuclei_d2.stain import hematoxylin_channel
+from nuclei_d2.utils.io import read_label_map
 
 
 @pytest.fixture(scope="module")

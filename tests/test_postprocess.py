@@ -220,8 +220,8 @@ def test_post_processing_recovers_real_nuclei_from_their_targets(shared_data, ti
     """Upper bound of each post-processing on real Kumar test tiles: fed the ideal maps (the targets made from the
     ground truth), NB post-processing must give the nuclei back almost exactly; the two-stage watershed, which works
     in the eroded stage-1 foreground, loses the eroded rim but must still find every nucleus."""
-    from nuclei_d2.data.io import read_label_map
     from nuclei_d2.evaluation.metrics import compute_metrics
+    from nuclei_d2.utils.io import read_label_map
 
     gt = read_label_map(shared_data / "monuseg2018" / "train" / "labels" / f"{tile}.png").astype(np.int32)
     nb, _ = nb_postprocess((ternary_map(gt, 2) == 2).astype(np.float32), boundary_width=2)

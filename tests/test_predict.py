@@ -15,11 +15,11 @@ from conftest import CONFIGS, REPO, load_tool, tiny_cfg
 from PIL import Image
 from scipy import ndimage
 
-from nuclei_d2.data.io import read_label_map
 from nuclei_d2.inference import NucleiPredictor, Predictor, RunOptions, run_batch
 from nuclei_d2.inference.merge import CropMasks
 from nuclei_d2.inference.run import OUTPUT_KINDS, Interrupted
 from nuclei_d2.inference.stitching import crops_from_label_map
+from nuclei_d2.utils.io import read_label_map
 
 CLASSICAL = str(CONFIGS / "classical_watershed.yaml")  # a real model without weights: fast tool runs
 
@@ -373,7 +373,7 @@ def test_model_build_errors_exit_2_before_any_output(tmp_path, folder, capsys):
 
 def test_parser_lives_in_the_tool_and_allow_pickle_sets_the_key():
     from nuclei_d2.engine import setup_cfg
-    from nuclei_d2.inference.run import config_overrides
+    from nuclei_d2.engine.predict import config_overrides
 
     tool = load_tool("predict")
     assert set(tool.OUTPUT_KINDS) == set(OUTPUT_KINDS)

@@ -10,10 +10,10 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from nuclei_d2.data.io import ImageReadError
 from nuclei_d2.inference import Predictor, RunOptions, load_geojson, predict_file, run_batch
 from nuclei_d2.inference.slide import NoTissueError, OpenSlideSource, open_image, tissue_mask
 from nuclei_d2.inference.stitching import crops_from_label_map
+from nuclei_d2.utils.io import ImageReadError
 
 
 def dark_blobs(tiles):

@@ -272,7 +272,7 @@ def test_choose_reference_by_hand(tmp_path):
 
 @pytest.mark.real_data
 def test_real_monuseg_tile(shared_data):
-    from nuclei_d2.data.io import read_image_rgb, read_label_map
+    from nuclei_d2.utils.io import read_image_rgb, read_label_map
 
     images = sorted((shared_data / "monuseg2018" / "train" / "images").glob("*.tif"))
     if len(images) < 2:

@@ -13,7 +13,6 @@ from nuclei_d2.data.targets import (
     boundary_map,
     build_targets,
     distance_map,
-    edge_weight_map,
     eroded_foreground,
     foreground_map,
     instance_distance,
@@ -21,6 +20,7 @@ from nuclei_d2.data.targets import (
     ternary_map,
     touching_pixels,
 )
+from nuclei_d2.layers import edge_weight_map
 
 
 def _square(size: int = 7, lo: int = 1, hi: int = 6, value: int = 1) -> np.ndarray:

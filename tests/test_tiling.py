@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from nuclei_d2.data.targets import edge_weight_map
-from nuclei_d2.inference.tiling import TilingParams, patch_weight, tile_positions, tile_predict, tile_windows
+from nuclei_d2.layers.tiling import (
+    TilingParams,
+    edge_weight_map,
+    patch_weight,
+    tile_positions,
+    tile_predict,
+    tile_windows,
+)
 
 
 @pytest.mark.parametrize("length, patch, stride, expected", [

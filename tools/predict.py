@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from nuclei_d2.inference.run import run_predict  # heavy imports (torch, detectron2) only after parsing
+    from nuclei_d2.engine.predict import run_predict  # heavy imports (torch, detectron2) only after parsing
 
     return run_predict(args)
 

@@ -22,9 +22,9 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from scipy import ndimage
 
 from ..structures import annotations_to_label_map
+from ..utils.io import read_image_rgb, read_label_map
 from .augment import build_nuclei_augmentation
 from .decode_cache import DecodeCache
-from .io import read_image_rgb, read_label_map
 
 __all__ = ["EXTRA_CHANNELS", "NucleiDatasetMapper", "label_map_to_gt_instances"]
 

@@ -26,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..structures import label_map_to_annotations
-from .io import write_label_map
+from ..utils.io import write_label_map
 
 __all__ = ["SyntheticSpec", "make_synthetic_tile", "register_synthetic_datasets", "synthetic_root"]
 
@@ -194,7 +194,7 @@ def _generate(spec: SyntheticSpec) -> Path:
 
 def load_synthetic(spec: SyntheticSpec, split: str) -> list[dict[str, Any]]:
     """Detectron2 dataset dicts of a synthetic split (generating the files on first use)."""
-    from .io import read_label_map
+    from ..utils.io import read_label_map
 
     folder = _generate(spec) / split
     dicts = []

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from ..layers.tiling import edge_weight_map
 from ..structures import relabel_sequential
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
     "boundary_map",
     "build_targets",
     "distance_map",
-    "edge_weight_map",
     "eroded_foreground",
     "foreground_map",
     "instance_distance",
@@ -307,38 +307,6 @@ def eroded_foreground(label: np.ndarray, erode_radius: int = 1, remove_touching:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         fg = cv2.erode(fg, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=1)
     return fg
-
-
-@functools.lru_cache(maxsize=16)
-def _edge_weight_cached(height: int, width: int) -> np.ndarray:
-    y = np.arange(height, dtype=np.float64)[:, None] + 0.5  # pixel centres
-    x = np.arange(width, dtype=np.float64)[None, :] + 0.5
-    de = np.minimum(np.minimum(x, width - x), np.minimum(y, height - y))
-    dc = np.sqrt((x - width / 2.0) ** 2 + (y - height / 2.0) ** 2)
-    ratio = de / (dc + de)  # dc + de >= 0.5 > 0
-    weight = (ratio / ratio.mean()).astype(np.float32)
-    weight.setflags(write=False)
-    return weight
-
-
-def edge_weight_map(shape: tuple[int, int] | np.ndarray) -> np.ndarray:
-    """Edge-distance loss weight of the nucleus-boundary model: ``W = alpha * De / (Dc + De)`` (float32).
-
-    Cui et al. 2019 (Sec. "Loss function" / overlapped patch prediction): predictions near a patch border see less
-    context, so the loss weights each pixel by how far it is from the patch border. ``De`` is the distance of the
-    pixel centre to the nearest patch border, ``Dc`` its distance to the patch centre, and ``alpha`` normalises the
-    mean weight to 1. The map depends only on the patch shape and is cached per shape; the returned array is
-    read-only (copy it before modifying).
-
-    Args:
-        shape: ``(height, width)`` or an array whose first two dimensions give it.
-    """
-    if isinstance(shape, np.ndarray):
-        shape = shape.shape[:2]
-    h, w = (int(s) for s in shape)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"edge_weight_map needs a positive shape, got {(h, w)}")
-    return _edge_weight_cached(h, w)
 
 
 # ---- dispatcher ---------------------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
-from ..config import add_nuclei_config
+from ..config import build_cfg
 from ..errors import CheckpointError, ConfigError  # re-exported: tools import them from here
 
 #: Meta-architectures without weights (evaluated only).
@@ -27,82 +27,9 @@ UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
 RANDOM_INIT_OPTS = ("MODEL.WEIGHTS", "", "MODEL.BRPNET.STAGE1_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "",
                     "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True")
 
-__all__ = ["RANDOM_INIT_OPTS", "UNTRAINABLE_ARCHITECTURES", "CheckpointError", "ConfigError", "build_cfg",
+__all__ = ["RANDOM_INIT_OPTS", "UNTRAINABLE_ARCHITECTURES", "CheckpointError", "ConfigError",
            "check_config_weights", "check_datasets", "check_weights", "leave_process_group", "setup_cfg",
            "weights_in_use", "write_override_config"]
-
-
-def _all_keys(node: CfgNode, prefix: str = "") -> Iterable[str]:
-    for k, v in node.items():
-        full = f"{prefix}{k}"
-        yield full
-        if isinstance(v, CfgNode):
-            yield from _all_keys(v, full + ".")
-
-
-_UNKNOWN_KEY_MESSAGES = ("Non-existent config key:", "Non-existent key:")
-
-
-def _is_unknown_key(err: Exception) -> bool:
-    return any(m in str(err) for m in _UNKNOWN_KEY_MESSAGES)
-
-
-def _unknown_key_error(cfg: CfgNode, err: Exception, source: str) -> ConfigError:
-    msg = str(err.args[0]) if err.args else str(err)
-    key = msg.split(":", 1)[1].strip() if _is_unknown_key(err) else msg
-    hint = difflib.get_close_matches(key, list(_all_keys(cfg)), n=3, cutoff=0.6)
-    text = f"{source}: unknown config key {key!r}"
-    if hint:
-        text += f" (did you mean {', '.join(hint)}?)"
-    return ConfigError(text)
-
-
-def build_cfg(config_file: str | None = None, opts: Sequence[str] = ()) -> CfgNode:
-    """``get_cfg()`` -> ``add_nuclei_config`` -> ``merge_from_file`` -> ``merge_from_list``; not frozen.
-
-    Raises:
-        ConfigError: the file is missing, or it or ``opts`` name a key that does not exist or give a bad value.
-    """
-    cfg = get_cfg()
-    add_nuclei_config(cfg)
-    if config_file:
-        if not os.path.isfile(config_file):
-            raise ConfigError(f"{config_file}: config file not found")
-        try:
-            cfg.merge_from_file(config_file)
-        except (KeyError, ValueError, AssertionError) as e:
-            if _is_unknown_key(e):
-                raise _unknown_key_error(cfg, e, config_file) from e
-            raise ConfigError(f"{config_file}: {e}") from e
-    if opts:
-        if len(opts) % 2:
-            raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd list: {list(opts)}")
-        try:
-            cfg.merge_from_list(_floats_where_floats_are_expected(cfg, opts))
-        except (KeyError, ValueError, AssertionError) as e:  # yacs asserts on unknown keys given as overrides
-            if _is_unknown_key(e):
-                raise _unknown_key_error(cfg, e, "command line") from e
-            raise ConfigError(f"command line: {e}") from e
-    return cfg
-
-
-def _floats_where_floats_are_expected(cfg: CfgNode, opts: Sequence[str]) -> list[str]:
-    """Write integer values of float keys as floats: yacs refuses ``MODEL.NB.THRESHOLD 1`` (int against 0.5)."""
-    from ast import literal_eval
-
-    out = list(opts)
-    for i in range(0, len(out), 2):
-        node: object = cfg
-        for part in str(out[i]).split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, float) and isinstance(out[i + 1], str):
-            try:
-                value = literal_eval(out[i + 1])
-            except (ValueError, SyntaxError):
-                continue  # yacs reports it
-            if isinstance(value, int) and not isinstance(value, bool):
-                out[i + 1] = repr(float(value))
-    return out
 
 
 def write_override_config(path: str | os.PathLike, base_config: str | os.PathLike, opts: Sequence[str],
@@ -113,7 +40,7 @@ def write_override_config(path: str | os.PathLike, base_config: str | os.PathLik
     """
     import yaml
 
-    from ..data.io import atomic_write
+    from ..utils.io import atomic_write
 
     cfg = build_cfg(str(base_config), opts)
     nested: dict = {}

@@ -14,9 +14,10 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 
-from ..data.io import atomic_write, read_image_rgb, read_label_map, write_label_map
+from ..config import build_cfg
 from ..structures import annotations_to_label_map, instances_to_label_map
-from .defaults import build_cfg, setup_cfg
+from ..utils.io import atomic_write, read_image_rgb, read_label_map, write_label_map
+from .defaults import setup_cfg
 from .trainer import NucleiTrainer
 
 __all__ = ["count_nuclei", "demo_cfg", "run_demo"]

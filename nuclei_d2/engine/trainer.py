@@ -70,7 +70,7 @@ def write_config(cfg, path: str | os.PathLike) -> str:
     ``OUTPUT_DIR/config.yaml`` beside the weights is what rebuilds the model they belong to
     (``--config-file OUTPUT_DIR/config.yaml MODEL.WEIGHTS OUTPUT_DIR/model_final.pth``).
     """
-    from ..data.io import atomic_write
+    from ..utils.io import atomic_write
 
     text = cfg.dump()
     return str(atomic_write(path, lambda tmp: tmp.write_text(text)))
@@ -131,7 +131,7 @@ class NucleiTrainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         """Detectron2's schedulers, plus BRP-Net's cosine annealing with warm restarts ("CosineWarmRestarts")."""
-        from ..modeling.brpnet.schedule import SCHEDULER_NAME, build_brpnet_lr_scheduler
+        from ..solver.lr_scheduler import SCHEDULER_NAME, build_brpnet_lr_scheduler
 
         if cfg.SOLVER.LR_SCHEDULER_NAME == SCHEDULER_NAME:
             return build_brpnet_lr_scheduler(cfg, optimizer)
@@ -164,7 +164,7 @@ class NucleiTrainer(DefaultTrainer):
         if comm.is_main_process():
             from detectron2.utils.file_io import PathManager
 
-            from ..data.io import write_json_atomic
+            from ..utils.io import write_json_atomic
 
             PathManager.mkdirs(cfg.OUTPUT_DIR)
             write_json_atomic(os.path.join(cfg.OUTPUT_DIR, "metrics_final.json"), results, indent=2)

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import read_image_rgb
 from ..evaluation.metrics import compute_metrics
 from ..modeling.classical_watershed import ClassicalParams, classical_watershed, hematoxylin_foreground
+from ..utils.io import read_image_rgb
 
 __all__ = ["DEFAULT_GRID", "run", "tune_classical", "write_tuned_config"]
 

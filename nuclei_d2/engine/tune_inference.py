@@ -149,7 +149,7 @@ def _evaluate(cfg: Any, model: nn.Module) -> dict[str, Any]:
     :class:`CachedDenseMaps`), so the wrapper is built once per point."""
     from detectron2.evaluation import inference_on_dataset
 
-    from ..data.io import write_json_atomic
+    from ..utils.io import write_json_atomic
     from .trainer import NucleiTrainer
 
     name = cfg.DATASETS.TEST[0]

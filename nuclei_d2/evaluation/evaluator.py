@@ -13,7 +13,7 @@ highest score (ties: the instance listed first).
 Ground truth, per dataset dict (looked up in ``DatasetCatalog`` by ``image_id``, else ``file_name``; the mapped input
 dict is used when the image is not in the catalog):
 
-* ``label_file`` when present (read with :func:`nuclei_d2.data.io.read_label_map`), else
+* ``label_file`` when present (read with :func:`nuclei_d2.utils.io.read_label_map`), else
 * ``annotations`` (RLE or polygons; ``iscrowd`` ones skipped, as the nuclei mapper does) painted with
   :func:`nuclei_d2.structures.annotations_to_label_map`.
 
@@ -36,8 +36,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..data.io import read_label_map
 from ..structures import annotations_to_label_map, instances_to_label_map
+from ..utils.io import read_label_map
 from .metrics import compute_metrics
 from .report import flat_results, format_summary_table, is_seen, summarize, write_records_csv, write_results_json
 

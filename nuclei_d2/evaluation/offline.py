@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import ImageReadError, atomic_write, read_label_map
 from ..structures import annotations_to_label_map
+from ..utils.io import ImageReadError, atomic_write, read_label_map
 from .metrics import HIGHER_IS_BETTER, METRIC_KEYS, compute_metrics
 from .report import format_summary_table, is_seen, summarize, write_records_csv, write_results_json
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data.io import atomic_write, write_json_atomic
+from ..utils.io import atomic_write, write_json_atomic
 from .metrics import COUNT_KEYS, METRIC_KEYS, aggregate_metrics
 
 __all__ = [

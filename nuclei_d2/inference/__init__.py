@@ -7,6 +7,5 @@ from .run import FileResult, RunOptions, RunSummary, collect_inputs, predict_fil
 from .slide import ImageSource, NoTissueError, open_image, tissue_mask  # noqa: F401
 from .stitching import TileGrid, owned_selection, stitch  # noqa: F401
 from .test_time import TestTimeWrapper, build_test_time_wrapper  # noqa: F401
-from .tiling import TilingParams, patch_weight, tile_positions, tile_predict, tile_windows  # noqa: F401
 from .tta import TTATransform, parse_tta_transforms  # noqa: F401
 from .visualize import draw_outlines, save_overlay  # noqa: F401

@@ -16,18 +16,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["EnsembleMember", "input_channel_names", "load_ensemble_members", "select_channels"]
+__all__ = ["EnsembleMember", "load_ensemble_members", "select_channels"]
 
 logger = logging.getLogger(__name__)
-
-RGB = ("red", "green", "blue")
-
-
-def input_channel_names(cfg: Any) -> list[str]:
-    """Names of the input channels a model built from ``cfg`` takes: RGB (or BGR) + ``INPUT.EXTRA_CHANNELS``."""
-    rgb = list(RGB) if cfg.INPUT.FORMAT != "BGR" else list(reversed(RGB))
-    return rgb + list(cfg.INPUT.EXTRA_CHANNELS)
-
 
 @dataclass
 class EnsembleMember:
@@ -73,6 +64,7 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         ValueError: ``configs`` has a bad length, or a member needs an input channel the main config lacks.
     """
     from ..checkpoint import NucleiCheckpointer
+    from ..config import build_cfg, input_channel_names
     from ..modeling.build import build_nuclei_model
 
     weights, configs = list(weights), list(configs)
@@ -89,8 +81,6 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
             cfile = configs[i] if len(configs) > 1 else configs[0]
             if not os.path.isfile(cfile):
                 raise FileNotFoundError(f"TEST.ENSEMBLE.CONFIGS: config file not found: {cfile!r}")
-            from ..engine.defaults import build_cfg
-
             mcfg = build_cfg(cfile, ["MODEL.DEVICE", cfg.MODEL.DEVICE])
         mcfg = mcfg.clone()
         mcfg.defrost()

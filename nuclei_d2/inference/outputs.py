@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import atomic_write, write_label_map
+from ..utils.io import atomic_write, write_label_map
 from .merge import CropMasks
 
 __all__ = ["CSV_COLUMNS", "CocoResultsWriter", "CsvWriter", "GeoJSONWriter", "LabelMapWriter", "NucleusRecord",
@@ -285,7 +285,7 @@ class CsvWriter(_StreamWriter):
 class LabelMapWriter:
     """Instance label map (nucleus id = pixel value, 0 = background) in the analysed frame.
 
-    Small images are painted in memory and written by :func:`nuclei_d2.data.io.write_label_map` (PNG/TIFF/NPY).
+    Small images are painted in memory and written by :func:`nuclei_d2.utils.io.write_label_map` (PNG/TIFF/NPY).
     Images above ``memmap_pixels`` with a ``.tif`` name are painted straight into an uncompressed (Big)TIFF memory map
     on disk (``tifffile.memmap``), so the label map of a whole slide never sits in RAM. Where nuclei overlap, the later
     one wins.

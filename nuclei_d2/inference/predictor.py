@@ -6,7 +6,7 @@
   tiles batched through the model, instances stitched across tiles (:mod:`nuclei_d2.inference.stitching`), test-time
   augmentation and ensembles from the config (``TEST.AUG`` / ``TEST.ENSEMBLE``, :mod:`nuclei_d2.inference.test_time`),
   memory bounded by the tile batch. Dense models (U-Net family) assemble their probability maps *within* each tile by
-  the weighted vote of :mod:`nuclei_d2.inference.tiling` (their own ``MODEL.TILING``) before post-processing; their
+  the weighted vote of :mod:`nuclei_d2.layers.tiling` (their own ``MODEL.TILING``) before post-processing; their
   instances are then stitched across tiles like any instance model's.
 """
 
@@ -23,8 +23,8 @@ import torch
 from detectron2.structures import Instances
 
 from ..checkpoint import NucleiCheckpointer
-from ..data.io import to_rgb_uint8
 from ..data.mapper import NucleiDatasetMapper
+from ..utils.io import to_rgb_uint8
 from .merge import CropMasks
 from .slide import ArraySource, ImageSource
 from .stitching import Tile, TileGrid, concat_crops, crops_from_label_map, owned_selection, remove_duplicates

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import atomic_write, write_json_atomic
+from ..utils.io import atomic_write, write_json_atomic
 from .merge import CropMasks
 
 __all__ = ["PARTIAL_SUFFIX", "TileStore", "partial_dir"]

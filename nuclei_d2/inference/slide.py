@@ -10,10 +10,10 @@ Backends, tried in this order by :func:`open_image`:
   SVS reduced pages). Regions are read by decoding only the tiles (or strips) they touch; nothing else is loaded.
 * ``tiffslide`` / ``openslide`` when installed (optional, ``backend="tiffslide"`` / ``"openslide"``): every format
   those libraries know (NDPI, MRXS, ...).
-* everything else (PNG, JPEG, BMP, NPY) is read whole with :func:`nuclei_d2.data.io.read_image_rgb`.
+* everything else (PNG, JPEG, BMP, NPY) is read whole with :func:`nuclei_d2.utils.io.read_image_rgb`.
 
 Pixels always come back as ``H x W x 3`` uint8 RGB; grey, RGBA and 16-bit inputs are converted (and reported in
-:attr:`ImageSource.warnings`) by :func:`nuclei_d2.data.io.to_rgb_uint8`.
+:attr:`ImageSource.warnings`) by :func:`nuclei_d2.utils.io.to_rgb_uint8`.
 
 Pixel size (``mpp``, microns per level-0 pixel) and magnification, first source that has them wins:
 
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import ImageReadError, read_image_rgb, to_rgb_uint8
+from ..utils.io import ImageReadError, read_image_rgb, to_rgb_uint8
 
 __all__ = ["ArraySource", "ImageSource", "NoTissueError", "OpenSlideSource", "TiffSource", "open_image",
            "tissue_mask"]
@@ -446,7 +446,7 @@ def open_image(path: str | os.PathLike, backend: str = "auto") -> ImageSource:
         return TiffSource(path)
     if backend not in ("auto", "pil"):
         raise ValueError(f"unknown backend {backend!r}; use auto, tifffile, tiffslide, openslide or pil")
-    from ..data.io import IMAGE_SUFFIXES, _read_raw
+    from ..utils.io import IMAGE_SUFFIXES, _read_raw
 
     if suffix not in IMAGE_SUFFIXES:
         known = sorted(set(IMAGE_SUFFIXES) | set(TIFF_SUFFIXES))

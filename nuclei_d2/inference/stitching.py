@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..layers.tiling import tile_positions
 from .merge import CropMasks, mask_ious
-from .tiling import tile_positions
 
 __all__ = ["Tile", "TileGrid", "concat_crops", "crops_from_label_map", "owned_selection", "remove_duplicates",
            "shift_crops", "stitch"]

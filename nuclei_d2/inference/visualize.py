@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-from ..data.io import atomic_write
+from ..utils.io import atomic_write
 
 __all__ = ["draw_outlines", "save_overlay"]
 

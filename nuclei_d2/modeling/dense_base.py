@@ -2,7 +2,7 @@
 
 :class:`DenseSegmentor` turns Detectron2's batched inputs into normalised tensors, pads training crops to a common
 size (padding is masked out of the losses), runs inference on images of any size (whole, or through the overlapped
-tiles of :func:`nuclei_d2.inference.tiling.tile_predict` when the image is larger than ``MODEL.TILING.PATCH_SIZE``),
+tiles of :func:`nuclei_d2.layers.tiling.tile_predict` when the image is larger than ``MODEL.TILING.PATCH_SIZE``),
 resizes the probability maps back to the input's ``height`` x ``width``, post-processes them with a plain function of
 :mod:`nuclei_d2.postprocess`, and returns the project's model contract::
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.tiling import TilingParams, tile_predict
+from ..layers.tiling import TilingParams, tile_predict
 from ..structures import label_map_to_instances
 
 __all__ = ["DenseSegmentor", "dense_base_kwargs"]
@@ -155,7 +155,7 @@ class DenseSegmentor(nn.Module):
             for name in self.required_targets:
                 t = inp.get("targets", {}).get(name)
                 if t is None:  # only edge_weight can be missing: it depends on the patch shape alone
-                    from ..data.targets import edge_weight_map
+                    from ..layers.tiling import edge_weight_map
 
                     t = torch.from_numpy(np.array(edge_weight_map((h, w))))
                 if tuple(t.shape[-2:]) != (h, w):

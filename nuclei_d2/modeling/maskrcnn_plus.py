@@ -169,7 +169,7 @@ class MaskRCNNPlus(GeneralizedRCNN):
 
     @classmethod
     def from_config(cls, cfg: Any) -> dict[str, Any]:
-        from ..inference.ensemble import input_channel_names
+        from ..config import input_channel_names
 
         mp = cfg.MODEL.MASKRCNN_PLUS
         names = input_channel_names(cfg)

@@ -11,7 +11,7 @@ histopathology images", Med. Biol. Eng. Comput. 57 (2019); arXiv:1803.02786.
 * **Loss**: pixel-wise cross-entropy weighted by ``W = alpha * De / (Dc + De)`` of the pixel's position in the
   training patch (:func:`nuclei_d2.data.targets.edge_weight_map`): predictions near a patch border, which see less
   context, count less — consistently with the weighted vote that assembles overlapping patches at inference
-  (:mod:`nuclei_d2.inference.tiling`).
+  (:mod:`nuclei_d2.layers.tiling`).
 * **Post-processing** (parameter-free): inside probability > 0.5 -> connected components -> each grown back by the
   boundary width (:func:`nuclei_d2.postprocess.nb_postprocess`). Scores: mean inside probability of the component.
 """

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import read_image_rgb, write_json_atomic
+from ..utils.io import read_image_rgb, write_json_atomic
 from .deconvolution import _OD_LUT, _check_rgb
 
 __all__ = [

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from ..data.io import read_image_rgb
+from ..utils.io import read_image_rgb
 
 __all__ = ["ReferenceChoice", "choose_reference", "rgb_histograms"]
 
@@ -72,7 +72,7 @@ def choose_reference(images: Sequence[np.ndarray | str | os.PathLike], method: s
     """Pick the reference image for stain normalisation by the histogram rule described in the module docstring.
 
     Args:
-        images: uint8 RGB arrays or image paths (read with :func:`~nuclei_d2.data.io.read_image_rgb`).
+        images: uint8 RGB arrays or image paths (read with :func:`~nuclei_d2.utils.io.read_image_rgb`).
         method: ``"mean"`` (closest to the set's mean histogram) or ``"medoid"`` (smallest summed distance to the
             other images).
         metric: ``"chi2"`` or ``"l1"``.

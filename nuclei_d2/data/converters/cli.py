@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the parsed command; returns the exit code (0 done, 2 bad input or unwritable output, 130 interrupted)."""
-    from ..io import ImageReadError
+    from ...utils.io import ImageReadError
     from .common import ConversionError
 
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s",

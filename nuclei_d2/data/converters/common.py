@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ...structures import label_map_to_annotations
-from ..io import IMAGE_SUFFIXES, write_json_atomic
+from ...utils.io import IMAGE_SUFFIXES, write_json_atomic
 
 __all__ = [
     "ConversionError",
@@ -243,7 +243,7 @@ def _quiet_tifffile() -> Any:
 def check_image_file(path: str | os.PathLike) -> None:
     """Refuse a truncated TIFF cheaply: every strip or tile that a page indexes (offset + byte count) must lie
     inside the file. Reads the page directories only (~0.5 ms a MoNuSeg tile, vs ~30 ms to decode it: docs/data.md).
-    Other formats pass (their headers are checked by :func:`nuclei_d2.data.io.read_image_size`)."""
+    Other formats pass (their headers are checked by :func:`nuclei_d2.utils.io.read_image_size`)."""
     path = Path(path)
     if path.suffix.lower() not in (".tif", ".tiff"):
         return
@@ -268,7 +268,7 @@ def check_image_file(path: str | os.PathLike) -> None:
 def read_image_header(path: str | os.PathLike, verify: bool = False) -> tuple[int, int]:
     """``(height, width)`` of an image: from its header, refusing truncated TIFFs (:func:`check_image_file`), or,
     with ``verify``, by decoding every pixel (catches any damage, ~60x slower on MoNuSeg tiles)."""
-    from ..io import ImageReadError, read_image_rgb, read_image_size
+    from ...utils.io import ImageReadError, read_image_rgb, read_image_size
 
     try:
         if verify:

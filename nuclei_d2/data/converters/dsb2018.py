@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import IMAGE_SUFFIXES
+from ...utils.io import IMAGE_SUFFIXES
 from .common import (
     CocoBuilder,
     ConversionError,

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..io import ImageReadError, read_label_map
+from ...utils.io import ImageReadError, read_label_map
 from .common import (
     ConversionError,
     build_from_label_maps,

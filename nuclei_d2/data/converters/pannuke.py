@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from ...structures import relabel_sequential
+from ...utils.io import atomic_write, to_rgb_uint8
 from ..datasets.protocols import PANNUKE_TYPES
-from ..io import atomic_write, to_rgb_uint8
 from .common import (
     CocoBuilder,
     ConversionError,

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ...structures import annotations_to_label_map, rle_counts
-from ..io import _umask, write_label_map
+from ...utils.io import _umask, write_label_map
 from .common import ConversionError, check_output_dir, progress
 
 __all__ = ["coco_to_label_maps", "load_coco_json", "validate_coco"]

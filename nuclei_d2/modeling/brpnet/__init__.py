@@ -8,12 +8,11 @@ from .densenet import DenseNetEncoder
 from .meta_arch import BRPNet, load_stage1_weights
 from .proposals import assign_proposal_labels, crop_resize, extract_proposals, paste_back, proposal_boxes
 from .refine import RefineNet, assemble_refined, build_patches, sigmoid_focal_loss
-from .schedule import SCHEDULER_NAME, CosineWarmRestartsParamScheduler, build_brpnet_lr_scheduler
 from .tafe import TAFE, FeatureFusionModule, ShallowDecoder, TaskSpecificEncoder, smooth_truncated_loss, soft_dice_loss
 
 __all__ = [
-    "BRPNet", "CosineWarmRestartsParamScheduler", "DenseNetEncoder", "FeatureFusionModule", "RefineNet",
-    "SCHEDULER_NAME", "ShallowDecoder", "TAFE", "TaskSpecificEncoder", "assemble_refined", "assign_proposal_labels",
-    "build_brpnet_lr_scheduler", "build_patches", "crop_resize", "extract_proposals", "load_stage1_weights",
+    "BRPNet", "DenseNetEncoder", "FeatureFusionModule", "RefineNet",
+    "ShallowDecoder", "TAFE", "TaskSpecificEncoder", "assemble_refined", "assign_proposal_labels",
+    "build_patches", "crop_resize", "extract_proposals", "load_stage1_weights",
     "paste_back", "proposal_boxes", "sigmoid_focal_loss", "smooth_truncated_loss", "soft_dice_loss",
 ]

@@ -6,7 +6,7 @@ its input, so its predictions there are worse. The image is cut into overlapping
 stride smaller than the patch), every patch is predicted, and each pixel's final value is the weighted average of the
 predictions of all patches that cover it, with the weight ``W = alpha * De / (Dc + De)`` of the pixel's position in
 the patch (``De``: distance to the patch border, ``Dc``: distance to the patch centre;
-:func:`nuclei_d2.data.targets.edge_weight_map`). A patch's contribution fades out towards its border, so the
+:func:`edge_weight_map`). A patch's contribution fades out towards its border, so the
 assembled map has no seams, and it does not depend on where the windows happen to start.
 
 :func:`tile_predict` works for any dense model (any ``fn`` mapping a batch of patches to per-pixel outputs), any
@@ -17,6 +17,7 @@ output accumulators (``C x H x W`` float32 and one ``H x W`` weight sum) grow wi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +25,41 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TilingParams", "patch_weight", "tile_positions", "tile_predict", "tile_windows"]
+__all__ = ["TilingParams", "edge_weight_map", "patch_weight", "tile_positions", "tile_predict", "tile_windows"]
 
 WEIGHTS = ("edge", "uniform")
+
+
+@functools.lru_cache(maxsize=16)
+def _edge_weight_cached(height: int, width: int) -> np.ndarray:
+    y = np.arange(height, dtype=np.float64)[:, None] + 0.5  # pixel centres
+    x = np.arange(width, dtype=np.float64)[None, :] + 0.5
+    de = np.minimum(np.minimum(x, width - x), np.minimum(y, height - y))
+    dc = np.sqrt((x - width / 2.0) ** 2 + (y - height / 2.0) ** 2)
+    ratio = de / (dc + de)  # dc + de >= 0.5 > 0
+    weight = (ratio / ratio.mean()).astype(np.float32)
+    weight.setflags(write=False)
+    return weight
+
+
+def edge_weight_map(shape: tuple[int, int] | np.ndarray) -> np.ndarray:
+    """Edge-distance loss weight of the nucleus-boundary model: ``W = alpha * De / (Dc + De)`` (float32).
+
+    Cui et al. 2019 (Sec. "Loss function" / overlapped patch prediction): predictions near a patch border see less
+    context, so the loss weights each pixel by how far it is from the patch border. ``De`` is the distance of the
+    pixel centre to the nearest patch border, ``Dc`` its distance to the patch centre, and ``alpha`` normalises the
+    mean weight to 1. The map depends only on the patch shape and is cached per shape; the returned array is
+    read-only (copy it before modifying).
+
+    Args:
+        shape: ``(height, width)`` or an array whose first two dimensions give it.
+    """
+    if isinstance(shape, np.ndarray):
+        shape = shape.shape[:2]
+    h, w = (int(s) for s in shape)
+    if h <= 0 or w <= 0:
+        raise ValueError(f"edge_weight_map needs a positive shape, got {(h, w)}")
+    return _edge_weight_cached(h, w)
 
 
 def tile_positions(length: int, patch: int, stride: int) -> list[int]:
@@ -64,8 +97,6 @@ def patch_weight(shape: tuple[int, int], weight: str | np.ndarray | torch.Tensor
     h, w = (int(s) for s in shape)
     if isinstance(weight, str):
         if weight == "edge":
-            from ..data.targets import edge_weight_map
-
             return torch.from_numpy(np.array(edge_weight_map((h, w)), dtype=np.float32))
         if weight == "uniform":
             return torch.ones((h, w), dtype=torch.float32)

@@ -1,0 +1,7 @@
+"""Array and tensor operations shared by models, targets and inference: the sliding-window tiling loop, its vote
+weight and morphology kernels.
+
+The bottom layer of the package (docs/architecture.md): it imports nothing from ``nuclei_d2`` above ``utils``.
+"""
+
+from .tiling import TilingParams, edge_weight_map, patch_weight, tile_positions, tile_predict, tile_windows  # noqa: F401
