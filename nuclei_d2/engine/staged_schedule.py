@@ -41,6 +41,8 @@ import torch
 from detectron2.engine import HookBase
 from torch import nn
 
+from ..layers.wrappers import unwrap_model
+
 __all__ = ["PARAM_GROUPS", "Stage", "StagedScheduleHook", "apply_stage", "build_staged_schedule_hook",
            "expand_patterns", "parse_stages", "stage_index"]
 
@@ -126,10 +128,6 @@ def stage_index(stages: Sequence[Stage], iteration: int) -> int:
     return bisect.bisect_right(ends, int(iteration))  # type: ignore[arg-type]
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def apply_stage(model: nn.Module, stage: Stage, trainable_universe: set[str] | None = None) -> dict[str, Any]:
     """Set ``requires_grad`` of every parameter of ``model`` per ``stage``.
 
@@ -141,7 +139,7 @@ def apply_stage(model: nn.Module, stage: Stage, trainable_universe: set[str] | N
     regexes = [(p, [re.compile(r) for r in expand_patterns([p])]) for p in stage.patterns]
     matched = {p: False for p in stage.patterns}
     trainable, frozen, numel = [], [], 0
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap_model(model).named_parameters():
         on = False
         for p, rs in regexes:
             if any(r.search(name) for r in rs):
@@ -190,7 +188,7 @@ class StagedScheduleHook(HookBase):
                     self._scheduler = h.scheduler
         if self._universe is None:
             in_optim = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
-            self._universe = {n for n, p in _unwrap(self._model).named_parameters() if id(p) in in_optim}
+            self._universe = {n for n, p in unwrap_model(self._model).named_parameters() if id(p) in in_optim}
             for g in self._optimizer.param_groups:
                 g.setdefault("initial_lr", g["lr"])
 
@@ -215,7 +213,7 @@ class StagedScheduleHook(HookBase):
                              f"parameter names look like {sorted(self._universe or [])[:3]}")
         for p in summary["unmatched"]:
             logger.warning("SOLVER.STAGED: stage %d pattern %r matches no parameter of %s", idx + 1, p,
-                           type(_unwrap(self._model)).__name__)
+                           type(unwrap_model(self._model)).__name__)
         self._set_lr(stage.lr_multiplier)
         self.current = idx
         lrs = sorted({float(g["lr"]) for g in self._optimizer.param_groups})

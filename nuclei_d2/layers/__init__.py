@@ -5,3 +5,4 @@ The bottom layer of the package (docs/architecture.md): it imports nothing from 
 """
 
 from .tiling import TilingParams, edge_weight_map, patch_weight, tile_positions, tile_predict, tile_windows  # noqa: F401
+from .wrappers import unwrap_model  # noqa: F401
