@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .layers.morphology import disk
 from .structures import relabel_sequential
 
 __all__ = [
@@ -50,13 +51,6 @@ def _structure(connectivity: int) -> np.ndarray:
     if connectivity not in (1, 2):
         raise ValueError(f"connectivity must be 1 (4-neighbours) or 2 (8-neighbours), got {connectivity}")
     return ndimage.generate_binary_structure(2, connectivity)
-
-
-def _disk(radius: float) -> np.ndarray:
-    """Boolean disk holding every pixel offset at Euclidean distance <= radius."""
-    r = int(np.floor(radius + 1e-9))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (yy * yy + xx * xx) <= radius * radius + 1e-9
 
 
 def threshold_components(prob: np.ndarray, threshold: float = 0.5, connectivity: int = 1,
@@ -118,7 +112,7 @@ def expand_labels(label: np.ndarray, distance: float, mask: np.ndarray | None = 
     distance = min(float(distance), float(np.hypot(*out.shape)))  # farther than the diagonal reaches nothing new
 
     fg = (out > 0).astype(np.uint8)
-    grown = cv2.dilate(fg, _disk(distance).astype(np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+    grown = cv2.dilate(fg, disk(distance).astype(np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
     if mask is not None:
         mask = _check_map(mask, "mask").astype(bool)
         if mask.shape != out.shape:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ..layers.morphology import keep_largest_pieces
 from ..structures import label_map_to_annotations
 from ..utils.io import write_label_map
 
@@ -97,21 +98,7 @@ def make_synthetic_tile(size: int | tuple[int, int], rng: np.random.Generator | 
         next_id += 1
 
     # Drop nuclei that occlusion left tiny or split in pieces (keep the largest piece), then number 1..N.
-    out = np.zeros_like(label)
-    k = 0
-    for i, sl in enumerate(ndimage.find_objects(label)):
-        if sl is None:
-            continue
-        m = label[sl] == i + 1
-        pieces, n = ndimage.label(m)
-        if n > 1:
-            sizes = ndimage.sum(m, pieces, index=np.arange(1, n + 1))
-            m = pieces == (1 + int(np.argmax(sizes)))
-        if m.sum() < 12:
-            continue
-        k += 1
-        out[sl][m] = k
-    label = out
+    label = keep_largest_pieces(label, min_size=12)
 
     # Chromatin texture, darker rims, a faint halo; eosin stroma with fibres; everything blurred like optics do.
     texture = 1 + 0.25 * _smooth_noise(rng, (h, w), 1.0)

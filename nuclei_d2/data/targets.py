@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from ..layers.morphology import disk
 from ..layers.tiling import edge_weight_map
 from ..structures import relabel_sequential
 
@@ -145,12 +146,6 @@ def distance_map(label: np.ndarray, normalize: bool = True, border_is_contour: b
     return instance_distance(label, normalize=normalize, border_is_contour=border_is_contour)
 
 
-def _disk(radius: float) -> np.ndarray:
-    r = int(np.floor(radius))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return ((yy * yy + xx * xx) <= radius * radius + 1e-9).astype(np.uint8)
-
-
 def _boundary(label: np.ndarray, boundary_width: float, border_is_contour: bool) -> np.ndarray:
     """Nucleus pixels with a pixel of another value (background or another nucleus) within ``boundary_width``.
 
@@ -166,7 +161,7 @@ def _boundary(label: np.ndarray, boundary_width: float, border_is_contour: bool)
     if int(lab.max()) >= (1 << 24):
         raise ValueError(f"more than 2^24 nuclei in one label map ({int(lab.max())})")
     f = lab.astype(np.float32)  # exact for integers below 2^24; OpenCV morphology has no int32 path
-    kernel = _disk(boundary_width)
+    kernel = disk(boundary_width).astype(np.uint8)
     # Replicating the edge never creates a nearer "other" pixel than a real one, so it reproduces the "image border
     # is no contour" convention exactly; a constant 0 border makes the image border background.
     border = dict(borderType=cv2.BORDER_CONSTANT, borderValue=0) if border_is_contour else \

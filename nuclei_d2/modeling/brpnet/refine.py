@@ -21,16 +21,10 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from ...layers.morphology import disk, keep_largest_pieces
 from .proposals import crop_resize, paste_back
 
 __all__ = ["DenseBlock", "RefineNet", "assemble_refined", "build_patches", "sigmoid_focal_loss"]
-
-
-def _disk(radius: float) -> np.ndarray:
-    """Boolean disk of every pixel offset at Euclidean distance <= radius."""
-    r = int(np.floor(radius + 1e-9))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
-    return (yy * yy + xx * xx) <= radius * radius + 1e-9
 
 
 class DenseBlock(nn.Module):
@@ -135,7 +129,7 @@ def build_patches(image: np.ndarray, semantic: np.ndarray, boundary: np.ndarray,
     c = image.shape[0]
     hwc = np.concatenate([np.transpose(image, (1, 2, 0)), semantic[..., None], boundary[..., None]], axis=2)
     hwc = np.ascontiguousarray(hwc, dtype=np.float32)
-    disk = _disk(mask_dilation).astype(np.uint8) if mask_dilation > 0 else None
+    kernel = disk(mask_dilation).astype(np.uint8) if mask_dilation > 0 else None
     groups: dict[str, dict[str, list]] = {}
     for i, box in enumerate(boxes):
         side = int(box[2])
@@ -143,10 +137,10 @@ def build_patches(image: np.ndarray, semantic: np.ndarray, boundary: np.ndarray,
             continue
         name, size = ("small", small_size) if side <= small_size else ("large", large_size)
         own = crop_resize(proposals, box, side, mode="nearest") == i + 1  # crop first: cost follows the nucleus
-        if disk is not None:
+        if kernel is not None:
             import cv2
 
-            own = cv2.dilate(own.astype(np.uint8), disk) > 0
+            own = cv2.dilate(own.astype(np.uint8), kernel) > 0
         crop = crop_resize(hwc, box, side) * own[..., None]
         inp = crop if side == size else crop_resize(crop, (0, 0, side), size)
         g = groups.setdefault(name, {"index": [], "input": [], "target": []})
@@ -184,19 +178,6 @@ def assemble_refined(probs: Sequence[np.ndarray], boxes: np.ndarray, shape: tupl
         win = (values > threshold) & (values > best[rows, cols])
         best[rows, cols][win] = values[win]
         label[rows, cols][win] = i + 1
-    out = np.zeros_like(label)
-    scores = []
-    n = 0
-    for i, sl in enumerate(ndimage.find_objects(label)):
-        if sl is None:
-            continue
-        obj = label[sl] == i + 1
-        comps, k = ndimage.label(obj)
-        if k > 1:
-            obj = comps == (np.argmax(np.bincount(comps.ravel())[1:]) + 1)
-        if obj.sum() < max(min_size, 1):
-            continue
-        n += 1
-        out[sl][obj] = n
-        scores.append(float(best[sl][obj].mean()))
+    out = keep_largest_pieces(label, min_size=max(min_size, 1))
+    scores = [float(best[sl][out[sl] == i + 1].mean()) for i, sl in enumerate(ndimage.find_objects(out))]
     return out, np.asarray(scores, np.float32)
