@@ -49,7 +49,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def build(config: str, detections: int, seed: int):
     cfg = setup_cfg(str(CONFIGS / config), ["MODEL.DEVICE", "cpu", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
                                             "TEST.DETECTIONS_PER_IMAGE", str(detections), "TEST.AUG.ENABLED", "False"]
-                    + (["MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE",
+                    + (["MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", "", "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE",
                         "True"] if "plus" in config else []))
     torch.manual_seed(seed)
     model = build_nuclei_model(cfg).eval()

@@ -105,6 +105,15 @@ def _floats_where_floats_are_expected(cfg: CN, opts: Sequence[str]) -> list[str]
 
 
 
+def _submodel_node(parent: CN, name: str) -> CN:
+    """A sub-model spec ``parent.<name>``: CONFIG, WEIGHTS, FROZEN (nuclei_d2/modeling/submodel.py)."""
+    sub = parent[name] = CN()
+    sub.CONFIG = ""
+    sub.WEIGHTS = ""
+    sub.FROZEN = True
+    return sub
+
+
 def add_nuclei_config(cfg: CN) -> CN:
     """Add nuclei-d2's keys (with defaults) to ``cfg`` in place and return it. Safe to call twice."""
     if "SYNTHETIC" in cfg.DATASETS:  # already added
@@ -125,7 +134,7 @@ def add_nuclei_config(cfg: CN) -> CN:
 
 def _add_checkpoint_config(cfg: CN) -> None:
     """How weights files are loaded (nuclei_d2/checkpoint.py, docs/checkpoints.md): every checkpoint (MODEL.WEIGHTS,
-    DISTANCE_WEIGHTS, STAGE1_WEIGHTS, DENSENET_WEIGHTS, TEST.ENSEMBLE.WEIGHTS) is read with
+    MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS, *.STAGE1.WEIGHTS, DENSENET_WEIGHTS, TEST.ENSEMBLE.WEIGHTS) is read with
     torch.load(weights_only=True), which loads tensors and plain containers and never runs code."""
     c = cfg.MODEL.CHECKPOINT = CN()
     # Also read .pkl checkpoints (Detectron2 model zoo / Caffe2 format). They are Python pickles: unpickling one can
@@ -201,8 +210,9 @@ def _add_augment_and_target_config(cfg: CN) -> None:
     # Oracle for studies only: fill the "distance" channel from the ground truth at inference too (what a perfect
     # distance U-Net would give; use with MODEL.MASKRCNN_PLUS.DISTANCE_SOURCE "input"). Never for real predictions.
     cfg.INPUT.DISTANCE_FROM_GT_AT_TEST = False
-    # Dense targets emitted under dataset_dict["targets"] (name -> tensor) whenever a label map is available: any of
-    # "foreground", "ternary", "boundary", "distance", "distance_raw", "eroded", "edge_weight".
+    # Extra dense targets emitted under dataset_dict["targets"] (name -> tensor) whenever a label map is available:
+    # any of "foreground", "ternary", "boundary", "distance", "distance_raw", "eroded", "edge_weight". The targets the
+    # model's losses need are added by setup (its meta-architecture's required_targets_of(cfg)): list only extras.
     cfg.INPUT.TARGETS = []
     # Boundary thickness in pixels of the "ternary"/"boundary" targets: nucleus pixels within this Euclidean
     # distance of another label are boundary (Cui et al. 2019 nucleus-boundary model).
@@ -356,10 +366,15 @@ def _add_unet_config(cfg: CN) -> None:
     # ---- two-stage U-Net, Mahbod et al. 2019 (nuclei_d2/modeling/two_stage_unet.py) ---------------------------------
     ts = cfg.MODEL.TWO_STAGE = CN()
     # Which U-Net trains: 1 = the segmentation U-Net on the modified ("eroded") ground truth, 2 = the distance U-Net
-    # (the segmentation U-Net frozen, loaded from stage 1's MODEL.WEIGHTS), 0 = both at once (not in the paper).
+    # (the segmentation U-Net comes from STAGE1), 0 = both at once (not in the paper).
     ts.TRAIN_STAGE = 1
-    # Instances at inference: "watershed" (the paper: distance-map markers, watershed in the stage-1 foreground) or
-    # "components" (connected components of the stage-1 foreground alone: what a stage-1-only model can do).
+    # Stage 2's segmentation U-Net: the seg_net.* tensors of stage 1's model_final.pth (WEIGHTS), trained with CONFIG
+    # (named in the error when the file is missing), frozen unless FROZEN False (nuclei_d2/modeling/submodel.py).
+    _submodel_node(ts, "STAGE1")
+    # Instances at inference: "watershed" (the paper: distance-map markers, watershed in the stage-1 foreground),
+    # "components" (connected components of the stage-1 foreground alone: what a stage-1-only model can do) or
+    # "distance" (foreground = distance > THRESHOLD, no segmentation U-Net: the distance network alone, e.g. the one
+    # Mask R-CNN+ uses).
     ts.INFERENCE = "watershed"
     # Stage-1 loss: BCE_WEIGHT * binary cross-entropy + DICE_WEIGHT * (1 - soft Dice). The paper: 0.5 and 1.
     ts.BCE_WEIGHT = 0.5
@@ -426,9 +441,9 @@ def _add_panoptic_fusion_config(cfg: CN) -> None:
 
 
 def _add_maskrcnn_plus_config(cfg: CN) -> None:
-    """Mask R-CNN+ (Bancher et al., MICCAI COMPAY 2021): five-channel input, distance U-Net, staged schedule
-    (nuclei_d2/modeling/maskrcnn_plus.py, distance_unet.py; nuclei_d2/engine/staged_schedule.py; docs/maskrcnn_plus.md).
-    """
+    """Mask R-CNN+ (Bancher et al., MICCAI COMPAY 2021): five-channel input, distance network, staged schedule
+    (nuclei_d2/modeling/maskrcnn_plus.py, two_stage_unet.py, submodel.py; nuclei_d2/engine/staged_schedule.py;
+    docs/maskrcnn_plus.md)."""
     mp = cfg.MODEL.MASKRCNN_PLUS = CN()
     # Learned 1x1 convolution from the 3 + len(INPUT.EXTRA_CHANNELS) normalised input channels to PROJECTION_CHANNELS
     # (3: a standard, pretrainable backbone). False: the backbone takes the channels directly (with no extra channels
@@ -438,28 +453,20 @@ def _add_maskrcnn_plus_config(cfg: CN) -> None:
     # Initial 1x1 weights: "rgb" (identity on R, G, B and 0 for the extra channels: a pretrained backbone starts where
     # it was) or "random" (PyTorch's default).
     mp.PROJECTION_INIT = "rgb"
-    # Where the "distance" input channel comes from at inference: "unet" (predicted by the distance U-Net, the paper)
-    # or "input" (used as the mapper/caller gives it). In training it always comes from the ground truth.
+    # Where the "distance" input channel comes from at inference: "unet" (predicted by the distance network, the
+    # paper) or "input" (used as the mapper/caller gives it).
     mp.DISTANCE_SOURCE = "unet"
-    # Config file of the distance U-Net (a DistanceUNet config, e.g. configs/distance_unet.yaml; relative paths are
-    # tried from the working directory, then from the repository) and its trained weights (model_final.pth of a
-    # train_net run of that config). Empty weights: the distance U-Net must come from MODEL.WEIGHTS (a trained
+    # In training, the "distance" channel is the ground truth's distance map (False, the paper) or the distance
+    # network's prediction (True: the map the model sees at test time).
+    mp.TRAIN_ON_PREDICTED_DISTANCE = False
+    # The distance network (nuclei_d2/modeling/submodel.py): a TwoStageUNet config (CONFIG, e.g.
+    # configs/distance_unet.yaml or a two-stage U-Net stage-2 config; relative paths are tried from the working
+    # directory, then from the repository) and its trained weights (WEIGHTS: model_final.pth of a train_net run of
+    # that config); always frozen. Empty WEIGHTS: the distance network must come from MODEL.WEIGHTS (a trained
     # Mask R-CNN+ checkpoint holds it); when set, they win over MODEL.WEIGHTS' distance_unet.* entries.
-    mp.DISTANCE_CONFIG = ""
-    mp.DISTANCE_WEIGHTS = ""
+    _submodel_node(mp, "DISTANCE_NET")
     # Run inference even though no trained distance U-Net was loaded (tests and timing only: the channel is noise).
     mp.ALLOW_UNTRAINED_DISTANCE = False
-
-    # ---- the distance U-Net meta-architecture "DistanceUNet" (its network is configured by MODEL.UNET) ------------
-    du = cfg.MODEL.DISTANCE_UNET = CN()
-    # Weight of its mean-squared-error loss on the normalised distance map (INPUT.TARGETS must contain "distance").
-    du.LOSS_WEIGHT = 1.0
-    # Nuclei from the distance map alone (for evaluating the distance U-Net by itself; Mask R-CNN+ uses only the
-    # map): foreground = distance > THRESHOLD, watershed from the local maxima above PEAK_THRESHOLD, objects smaller
-    # than MIN_SIZE px removed.
-    du.THRESHOLD = 0.1
-    du.PEAK_THRESHOLD = 0.3
-    du.MIN_SIZE = 20
 
     # ---- staged training (Hollandi et al. 2020 scheme; nuclei_d2/engine/staged_schedule.py) -------------------------
     st = cfg.SOLVER.STAGED = CN()
@@ -512,13 +519,14 @@ def _add_brpnet_config(cfg: CN) -> None:
     """BRP-Net (Chen et al., MICCAI 2020): TAFE, boundary-assisted proposals, proposal-wise refinement
     (nuclei_d2/modeling/brpnet; docs/brpnet.md)."""
     b = cfg.MODEL.BRPNET = CN()
-    # Which part trains: 1 = TAFE (targets INPUT.TARGETS "foreground" + "boundary"), 2 = the two refinement networks
-    # (TAFE loaded from STAGE1_WEIGHTS and frozen).
+    # Which part trains: 1 = TAFE (targets "foreground" + "boundary"), 2 = the two refinement networks (TAFE from
+    # STAGE1).
     b.TRAIN_STAGE = 1
     # Inference output: "refine" (full BRP-Net) or "proposals" (TAFE + post-processing alone).
     b.INFERENCE = "refine"
-    # Stage-1 checkpoint (model_final.pth of a stage-1 run) whose tafe.* tensors are loaded when the model is built.
-    b.STAGE1_WEIGHTS = ""
+    # Stage 2's TAFE: the tafe.* tensors of stage 1's model_final.pth (WEIGHTS), trained with CONFIG (named in the
+    # error when the file is missing), frozen unless FROZEN False (nuclei_d2/modeling/submodel.py).
+    _submodel_node(b, "STAGE1")
     # ---- TAFE ------------------------------------------------------------------------------------------------------
     d = b.DENSENET = CN()
     # DenseNet-121 (stride-1 stem, no max-pool): growth 32, layers per block 6/12/24/16 (torchvision's; the paper's

@@ -309,7 +309,7 @@ def test_stage2_loads_stage1_and_trains_refinement(tmp_path):
     stage1 = build_model(cfg1)
     ckpt = tmp_path / "stage1.pth"
     torch.save({"model": stage1.state_dict()}, ckpt)
-    cfg2 = tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", str(ckpt))
+    cfg2 = tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1.WEIGHTS", str(ckpt))
     model = build_model(cfg2).train()
     for k, v in stage1.tafe.state_dict().items():
         assert torch.equal(v, model.tafe.state_dict()[k]), k
@@ -361,14 +361,14 @@ def test_stage2_rejects_bad_stage1_checkpoint(tmp_path):
     from nuclei_d2.config import build_cfg
 
     # the tools' setup_cfg stops at a missing file first (tests/test_checkpoint.py); the model says it too
-    with pytest.raises(ValueError, match="STAGE1_WEIGHTS: weights file not found"):
-        tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", str(tmp_path / "x.pth"))
-    with pytest.raises(FileNotFoundError, match="stage-1 checkpoint not found"):
+    with pytest.raises(ValueError, match="STAGE1.WEIGHTS: weights file not found"):
+        tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1.WEIGHTS", str(tmp_path / "x.pth"))
+    with pytest.raises(FileNotFoundError, match="STAGE1.WEIGHTS: file not found"):
         build_model(build_cfg(str(CONFIGS / "brpnet_stage2-tiny.yaml"),
-                              ["MODEL.DEVICE", "cpu", "MODEL.BRPNET.STAGE1_WEIGHTS", str(tmp_path / "x.pth")]))
+                              ["MODEL.DEVICE", "cpu", "MODEL.BRPNET.STAGE1.WEIGHTS", str(tmp_path / "x.pth")]))
     torch.save({"model": {"other.weight": torch.zeros(1)}}, tmp_path / "y.pth")
     with pytest.raises(ValueError, match="no 'tafe"):
-        build_model(tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", str(tmp_path / "y.pth")))
+        build_model(tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1.WEIGHTS", str(tmp_path / "y.pth")))
 
 
 # ---- train_net end to end --------------------------------------------------------------------------------------------
@@ -387,7 +387,7 @@ def test_train_net_both_stages(python, tmp_path):
     run("brpnet-tiny.yaml", s1)
     assert (s1 / "model_final.pth").is_file() and (s1 / "metrics_final.json").is_file()
     s2 = tmp_path / "s2"
-    run("brpnet_stage2-tiny.yaml", s2, "MODEL.BRPNET.STAGE1_WEIGHTS", str(s1 / "model_final.pth"))
+    run("brpnet_stage2-tiny.yaml", s2, "MODEL.BRPNET.STAGE1.WEIGHTS", str(s1 / "model_final.pth"))
     assert (s2 / "model_final.pth").is_file()
     import json
 

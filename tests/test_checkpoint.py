@@ -1,7 +1,7 @@
 """Loading weights never runs code, refuses misfits and damaged files in one line, and checks paths before a run.
 
-Every route a weights file takes (MODEL.WEIGHTS through NucleiPredictor and train_net --eval-only, DISTANCE_WEIGHTS,
-STAGE1_WEIGHTS, DENSENET_WEIGHTS, TEST.ENSEMBLE.WEIGHTS) gets a malicious pickle whose unpickling would create a
+Every route a weights file takes (MODEL.WEIGHTS through NucleiPredictor and train_net --eval-only, DISTANCE_NET.WEIGHTS,
+STAGE1.WEIGHTS, DENSENET_WEIGHTS, TEST.ENSEMBLE.WEIGHTS) gets a malicious pickle whose unpickling would create a
 marker file: the marker must never appear.
 """
 
@@ -135,20 +135,21 @@ def test_model_weights_route_never_runs_code(tmp_path, marker, nb_state, kind):
 
 @pytest.mark.parametrize("kind", ["pth", "pkl"])
 def test_distance_weights_route_never_runs_code(tmp_path, marker, kind):
-    from nuclei_d2.modeling.maskrcnn_plus import build_distance_unet
+    from nuclei_d2.modeling.maskrcnn_plus import DISTANCE_NET, build_distance_net
+    from nuclei_d2.modeling.submodel import SubModel
 
-    net, _ = build_distance_unet(str(CONFIGS / "distance_unet-tiny.yaml"))
+    net, _ = build_distance_net(SubModel(DISTANCE_NET, str(CONFIGS / "distance_unet-tiny.yaml")))
     path = (evil_pth if kind == "pth" else evil_pkl)(tmp_path / f"evil.{kind}", net.state_dict(), marker)
-    with pytest.raises(CheckpointError, match=f"DISTANCE_WEIGHTS: .*evil.{kind}: refusing"):
-        model_of("maskrcnn_plus-tiny.yaml", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", str(path))
+    with pytest.raises(CheckpointError, match=f"DISTANCE_NET.WEIGHTS: .*evil.{kind}: refusing"):
+        model_of("maskrcnn_plus-tiny.yaml", "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", str(path))
 
 
 @pytest.mark.parametrize("kind", ["pth", "pkl"])
 def test_stage1_weights_route_never_runs_code(tmp_path, marker, kind):
     state = model_of("brpnet-tiny.yaml").state_dict()
     path = (evil_pth if kind == "pth" else evil_pkl)(tmp_path / f"evil.{kind}", state, marker)
-    with pytest.raises(CheckpointError, match=f"STAGE1_WEIGHTS: .*evil.{kind}: refusing"):
-        model_of("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", str(path))
+    with pytest.raises(CheckpointError, match=f"STAGE1.WEIGHTS: .*evil.{kind}: refusing"):
+        model_of("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1.WEIGHTS", str(path))
 
 
 def test_densenet_weights_route_refuses_pickles(tmp_path, marker):
@@ -241,24 +242,24 @@ def test_missing_weights_name_the_key_and_the_command_that_makes_them(tmp_path, 
     monkeypatch.chdir(tmp_path)  # a fresh working directory: nothing trained yet
     with pytest.raises(ConfigError) as e:
         tiny_cfg("brpnet_stage2-tiny.yaml")
-    assert str(e.value) == ("MODEL.BRPNET.STAGE1_WEIGHTS: weights file not found: "
+    assert str(e.value) == ("MODEL.BRPNET.STAGE1.WEIGHTS: weights file not found: "
                             "'./output/brpnet-tiny/stage1/model_final.pth'; produce it with: "
                             f"python tools/train_net.py --config-file {CONFIGS / 'brpnet-tiny.yaml'}")
-    with pytest.raises(ConfigError, match=r"^MODEL.WEIGHTS: weights file not found: "
+    with pytest.raises(ConfigError, match=r"^MODEL.TWO_STAGE.STAGE1.WEIGHTS: weights file not found: "
                                           r"'./output/two_stage_unet-tiny/stage1/model_final.pth'; produce it with: "
                                           r"python tools/train_net.py --config-file .*two_stage_unet-tiny.yaml$"):
         tiny_cfg("two_stage_unet_stage2-tiny.yaml")
-    with pytest.raises(ConfigError, match=r"^MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS: weights file not found: "
+    with pytest.raises(ConfigError, match=r"^MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS: weights file not found: "
                                           r"'runs/d/model_final.pth'; produce it with: python tools/train_net.py "
                                           r"--config-file \S*configs/distance_unet-tiny.yaml OUTPUT_DIR runs/d$"):
-        tiny_cfg("maskrcnn_plus-tiny.yaml", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "runs/d/model_final.pth")
+        tiny_cfg("maskrcnn_plus-tiny.yaml", "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", "runs/d/model_final.pth")
     with pytest.raises(ConfigError, match=r"^TEST.ENSEMBLE.WEIGHTS\[1\]: weights file not found: '/no/b.pth'$"):
         (tmp_path / "a.pth").write_bytes(b"")
         tiny_cfg(NB, "TEST.ENSEMBLE.WEIGHTS", f"['{tmp_path / 'a.pth'}', '/no/b.pth']")
     with pytest.raises(ConfigError, match="DENSENET_WEIGHTS: weights file not found: '/no/d121.pth'; give torchvision"):
         tiny_cfg("brpnet-tiny.yaml", "MODEL.BRPNET.DENSENET_WEIGHTS", "/no/d121.pth")
     # keys a config inherits but its model does not use are not checked (the ablation without a distance channel)
-    tiny_cfg("maskrcnn_plus-tiny.yaml", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "/no/d.pth", "INPUT.EXTRA_CHANNELS",
+    tiny_cfg("maskrcnn_plus-tiny.yaml", "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", "/no/d.pth", "INPUT.EXTRA_CHANNELS",
              "['hematoxylin']", "MODEL.PIXEL_MEAN", "[1.0, 1.0, 1.0, 1.0]", "MODEL.PIXEL_STD", "[1.0, 1.0, 1.0, 1.0]")
 
 
@@ -279,7 +280,7 @@ def test_readme_headline_command_on_a_fresh_clone_is_one_line(python):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert error_lines(proc) == [
-        "error: MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS: weights file not found: "
+        "error: MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS: weights file not found: "
         "'./output/distance_unet/model_final.pth'; produce it with: "
         "python tools/train_net.py --config-file configs/distance_unet.yaml"]
 

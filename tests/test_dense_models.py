@@ -78,7 +78,8 @@ def test_mapper_emits_the_targets_the_configs_ask_for(config):
     functions of its (augmented, cropped) label map."""
     from nuclei_d2.data.targets import distance_map, eroded_foreground, ternary_map
 
-    cfg = tiny_cfg(config)
+    # (the two-stage U-Net with TRAIN_STAGE 0: both U-Nets train, so both targets follow from the model)
+    cfg = tiny_cfg(config, *(("MODEL.TWO_STAGE.TRAIN_STAGE", "0") if config == TS_TINY else ()))
     for d in train_batch(cfg, 2):
         label = d["label_map"].numpy()
         t = d["targets"]
@@ -152,7 +153,9 @@ def test_padding_of_mixed_size_batches_is_masked_out():
 
 
 def test_missing_target_is_a_clear_error():
-    cfg = tiny_cfg(NB_TINY, "INPUT.TARGETS", "['foreground']")
+    cfg = tiny_cfg(NB_TINY).clone()
+    cfg.defrost()
+    cfg.INPUT.TARGETS = ["foreground"]  # setup adds the model's targets: take them away by hand
     model = build_model(cfg)
     model.train()
     with pytest.raises(ValueError, match=r"needs the dense target\(s\) \['ternary'\].*INPUT.TARGETS"):
@@ -239,9 +242,8 @@ def test_two_stage_stage2_loads_stage1_and_keeps_it_frozen(tmp_path):
     stage1 = build_model(cfg1)
     step(stage1, build_optimizer(cfg1, stage1), train_batch(cfg1))
     DetectionCheckpointer(stage1, save_dir=str(tmp_path)).save("stage1")
-    cfg2 = tiny_cfg("two_stage_unet_stage2-tiny.yaml", "MODEL.WEIGHTS", str(tmp_path / "stage1.pth"))
-    stage2 = build_model(cfg2)
-    DetectionCheckpointer(stage2).load(cfg2.MODEL.WEIGHTS)
+    cfg2 = tiny_cfg("two_stage_unet_stage2-tiny.yaml", "MODEL.TWO_STAGE.STAGE1.WEIGHTS", str(tmp_path / "stage1.pth"))
+    stage2 = build_model(cfg2)  # the stage-1 U-Net is loaded through the sub-model spec
     seg1 = stage1.seg_net.state_dict()
     assert all(torch.equal(v, stage2.seg_net.state_dict()[k]) for k, v in seg1.items())
     assert not any(p.requires_grad for p in stage2.seg_net.parameters())
@@ -289,7 +291,8 @@ def test_train_net_two_stage_tiny_stage1_then_stage2(python, tmp_path):
     ok(run_train_net(python, "--config-file", str(CONFIGS / TS_TINY), "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(s1),
                      "SOLVER.MAX_ITER", "4"))
     ok(run_train_net(python, "--config-file", str(CONFIGS / "two_stage_unet_stage2-tiny.yaml"), "MODEL.DEVICE", "cpu",
-                     "OUTPUT_DIR", str(s2), "MODEL.WEIGHTS", str(s1 / "model_final.pth"), "SOLVER.MAX_ITER", "4"))
+                     "OUTPUT_DIR", str(s2), "MODEL.TWO_STAGE.STAGE1.WEIGHTS", str(s1 / "model_final.pth"),
+                     "SOLVER.MAX_ITER", "4"))
     w1 = torch.load(s1 / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     w2 = torch.load(s2 / "model_final.pth", map_location="cpu", weights_only=False)["model"]
     seg = [k for k in w1 if k.startswith("seg_net.")]

@@ -1,4 +1,4 @@
-"""Mask R-CNN+ (nuclei_d2/modeling/maskrcnn_plus.py, distance_unet.py): the five-channel model, its 1x1 input
+"""Mask R-CNN+ (nuclei_d2/modeling/maskrcnn_plus.py, two_stage_unet.py): the five-channel model, its 1x1 input
 projection, the distance U-Net (training, loading, filling the channel at inference), gradients in stage 1, the
 configs, and end to end with tools/train_net.py: staged training, --resume mid-stage, --eval-only with TTA and an
 ensemble."""
@@ -24,8 +24,9 @@ from nuclei_d2.data.mapper import NucleiDatasetMapper
 from nuclei_d2.engine.staged_schedule import apply_stage, build_staged_schedule_hook
 from nuclei_d2.inference.merge import CropMasks
 from nuclei_d2.inference.test_time import predict_crops
-from nuclei_d2.modeling.distance_unet import DistanceUNet
-from nuclei_d2.modeling.maskrcnn_plus import MaskRCNNPlus, build_distance_unet
+from nuclei_d2.modeling.maskrcnn_plus import DISTANCE_NET, MaskRCNNPlus, build_distance_net
+from nuclei_d2.modeling.submodel import SubModel
+from nuclei_d2.modeling.two_stage_unet import TwoStageUNet
 
 TINY = "maskrcnn_plus-tiny.yaml"
 
@@ -67,7 +68,7 @@ def test_builds_five_channel_model(model):
     w = model.input_proj.weight[:, :, 0, 0]
     assert torch.equal(w, torch.tensor([[1.0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0], [0, 0, 1.0, 0, 0]]))  # "rgb" init
     assert model.backbone.bottom_up.stem.conv1.weight.shape[1] == 3  # a standard 3-channel backbone
-    assert isinstance(model.distance_unet, DistanceUNet)
+    assert isinstance(model.distance_unet, TwoStageUNet)
     assert model.distance_channels == [0, 1, 2]
     assert not any(p.requires_grad for p in model.distance_unet.parameters())
     model.train()
@@ -160,16 +161,16 @@ def test_untrained_distance_unet_is_refused_at_inference(cfg):
         strict([mapped_test_input(cfg)])
 
 
-def save_distance_unet(path: Path, seed: int) -> DistanceUNet:
+def save_distance_unet(path: Path, seed: int) -> TwoStageUNet:
     torch.manual_seed(seed)
-    net, _ = build_distance_unet(str(CONFIGS / "distance_unet-tiny.yaml"))
+    net, _ = build_distance_net(SubModel(DISTANCE_NET, str(CONFIGS / "distance_unet-tiny.yaml")))
     torch.save({"model": net.state_dict(), "iteration": 3}, path)
     return net
 
 
 def test_distance_weights_load_and_win_over_model_weights(tmp_path):
     dist = save_distance_unet(tmp_path / "dist.pth", seed=1)
-    opts = ["MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", str(tmp_path / "dist.pth"),
+    opts = ["MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", str(tmp_path / "dist.pth"),
             "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "False"]
     model = build_model(tiny_cfg(TINY, *opts))
     assert bool(model.distance_trained)
@@ -188,7 +189,7 @@ def test_distance_weights_load_and_win_over_model_weights(tmp_path):
         assert torch.equal(p, q), f"{n} was overwritten by MODEL.WEIGHTS"
     assert torch.equal(model.roi_heads.box_predictor.cls_score.weight, other.roi_heads.box_predictor.cls_score.weight)
 
-    # Without DISTANCE_WEIGHTS the checkpoint's distance U-Net is used (a self-contained Mask R-CNN+ checkpoint).
+    # Without DISTANCE_NET.WEIGHTS the checkpoint's distance U-Net is used (a self-contained Mask R-CNN+ checkpoint).
     plain = build_model(tiny_cfg(TINY))
     DetectionCheckpointer(plain).load(str(tmp_path / "other.pth"))
     for (n, p), q in zip(plain.distance_unet.state_dict().items(), other.distance_unet.state_dict().values()):
@@ -198,28 +199,30 @@ def test_distance_weights_load_and_win_over_model_weights(tmp_path):
 def test_wrong_distance_weights_give_a_clear_error(tmp_path):
     torch.save({"model": {"conv.weight": torch.zeros(1)}}, tmp_path / "not_a_unet.pth")
     with pytest.raises(ValueError, match="not_a_unet.pth does not match the distance U-Net"):
-        build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", str(tmp_path / "not_a_unet.pth")))
+        build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", str(tmp_path / "not_a_unet.pth")))
     # the tools' setup_cfg stops at a missing file first (tests/test_checkpoint.py); the model says it too
-    with pytest.raises(ValueError, match="DISTANCE_WEIGHTS: weights file not found: '/no/such.pth'"):
-        tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "/no/such.pth")
-    with pytest.raises(FileNotFoundError, match="DISTANCE_WEIGHTS: file not found: '/no/such.pth'"):
-        build_model(build_cfg(str(CONFIGS / TINY), ["MODEL.DEVICE", "cpu", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS",
+    with pytest.raises(ValueError, match="DISTANCE_NET.WEIGHTS: weights file not found: '/no/such.pth'"):
+        tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", "/no/such.pth")
+    with pytest.raises(FileNotFoundError, match="DISTANCE_NET.WEIGHTS: file not found: '/no/such.pth'"):
+        build_model(build_cfg(str(CONFIGS / TINY), ["MODEL.DEVICE", "cpu", "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS",
                                                     "/no/such.pth"]))
     with pytest.raises(ValueError, match="describes a 'GeneralizedRCNN'"):
-        build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG", str(CONFIGS / "maskrcnn_baseline.yaml")))
+        build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_NET.CONFIG", str(CONFIGS / "maskrcnn_baseline.yaml")))
 
 
 # ---- the distance U-Net -------------------------------------------------------------------------------------------
 
 
 def test_distance_unet_has_the_papers_architecture():
-    net, dcfg = build_distance_unet(str(CONFIGS / "distance_unet.yaml"))
-    assert dcfg.INPUT.TARGETS == ["distance"]
-    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) >= 1 and net.net.depth == 5
+    model, dcfg = build_distance_net(SubModel(DISTANCE_NET, str(CONFIGS / "distance_unet.yaml")))
+    assert TwoStageUNet.required_targets_of(dcfg) == ("distance",)  # INPUT.TARGETS follows from the model
+    net = model.dist_net  # the two-stage U-Net's distance network
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) >= 1 and net.depth == 5
     assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules()) == 5
     assert {m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
     assert any(isinstance(m, torch.nn.ReLU) for m in net.modules())
-    assert net.net.out_channels == 1 and not any(isinstance(m, torch.nn.Sigmoid) for m in net.modules())
+    assert net.out_channels == 1 and not any(isinstance(m, torch.nn.Sigmoid) for m in net.modules())
+    assert model.distance_activation == "linear"
     assert (dcfg.SOLVER.OPTIMIZER, dcfg.SOLVER.BASE_LR, dcfg.SOLVER.GAMMA) == ("Adam", 0.001, 0.1)
 
 
@@ -232,10 +235,10 @@ def test_distance_unet_trains_with_mse_and_predicts():
     losses = net(batch)
     assert set(losses) == {"loss_distance"}
     with torch.no_grad():
-        pred = net.net(net.normalize(torch.stack([b["image"] for b in batch])))[:, 0]
+        pred = net.dist_net(net.normalize(torch.stack([b["image"] for b in batch])))[:, 0]
     assert float(losses["loss_distance"]) == pytest.approx(float(((pred - target) ** 2).mean()), rel=0.05)
     losses["loss_distance"].backward()
-    assert all(p.grad is not None for p in net.parameters())
+    assert all(p.grad is not None for p in net.dist_net.parameters())  # the trained network (seg_net: unused)
     net.eval()
     inp = NucleiDatasetMapper(cfg, is_train=False)(DatasetCatalog.get(cfg.DATASETS.TEST[0])[0])
     out = net([inp])[0]
@@ -269,7 +272,8 @@ def test_configs_are_consistent(name):
     assert len(c.MODEL.PIXEL_MEAN) == len(c.MODEL.PIXEL_STD) == 3 + len(c.INPUT.EXTRA_CHANNELS)
     assert c.MODEL.META_ARCHITECTURE == "MaskRCNNPlus"
     if "distance" in c.INPUT.EXTRA_CHANNELS:
-        assert build_cfg(str(REPO / c.MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG)).MODEL.META_ARCHITECTURE == "DistanceUNet"
+        dist_config = REPO / c.MODEL.MASKRCNN_PLUS.DISTANCE_NET.CONFIG
+        assert build_cfg(str(dist_config)).MODEL.META_ARCHITECTURE == "TwoStageUNet"
 
 
 def test_transfer_configs_chain_pretraining_to_finetuning():
@@ -341,7 +345,7 @@ def test_train_net_staged_schedule_resume_and_tta_ensemble_eval(python, tmp_path
     out = tmp_path / "plus"
     common = ["--config-file", str(CONFIGS / TINY), *STAGE_OPTS, "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE",
               "False"]
-    run_train_net(python, *common, "OUTPUT_DIR", str(out), "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", str(dist_w))
+    run_train_net(python, *common, "OUTPUT_DIR", str(out), "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", str(dist_w))
     ckpts = {k: load(out / f"model_{k:07d}.pth") for k in range(6)}
     check_stage_effects(ckpts, range(1, 6))
     final = json.loads((out / "metrics_final.json").read_text())
@@ -356,12 +360,12 @@ def test_train_net_staged_schedule_resume_and_tta_ensemble_eval(python, tmp_path
         shutil.copy(out / f"model_{k:07d}.pth", res / f"model_{k:07d}.pth")
     (res / "last_checkpoint").write_text("model_0000002.pth")
     proc = run_train_net(python, "--resume", *common, "OUTPUT_DIR", str(res),
-                         "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", str(dist_w))
+                         "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", str(dist_w))
     assert "Starting training from iteration 3" in proc.stdout + proc.stderr
     resumed = {k: load(res / f"model_{k:07d}.pth") for k in range(2, 6)}
     check_stage_effects(resumed, range(3, 6))
 
-    # 4. --eval-only with TTA and a two-model ensemble, from the self-contained checkpoint (no DISTANCE_WEIGHTS)
+    # 4. --eval-only with TTA and a two-model ensemble, from the self-contained checkpoint (no DISTANCE_NET.WEIGHTS)
     ev = tmp_path / "eval"
     eval_opts = ["--config-file", str(CONFIGS / TINY), "--eval-only", "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(ev),
                  "MODEL.WEIGHTS", str(out / "model_final.pth"), "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE",

@@ -378,7 +378,7 @@ def test_brpnet_segment_probs_refines_only_with_the_image(monkeypatch):
 
     from nuclei_d2.modeling import build_nuclei_model
 
-    cfg = tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1_WEIGHTS", "", "MODEL.BRPNET.INFERENCE", "refine")
+    cfg = tiny_cfg("brpnet_stage2-tiny.yaml", "MODEL.BRPNET.STAGE1.WEIGHTS", "", "MODEL.BRPNET.INFERENCE", "refine")
     model = build_nuclei_model(cfg).eval()
     probs = np.zeros((2, 40, 64), np.float32)
     probs[0, 10:30, 10:30] = 1.0  # one 20 x 20 nucleus, no boundary inside it

@@ -22,14 +22,15 @@ from ..errors import CheckpointError, ConfigError  # re-exported: tools import t
 UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
 
 #: Overrides that let any config build from random initialisation, without the checkpoints it names (a stage-2
-#: config's stage-1 model, Mask R-CNN+'s distance U-Net): for benchmarks that time untrained models and for tests.
-#: Every key exists in every config, so they apply to all methods alike.
-RANDOM_INIT_OPTS = ("MODEL.WEIGHTS", "", "MODEL.BRPNET.STAGE1_WEIGHTS", "", "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", "",
+#: config's stage-1 model, Mask R-CNN+'s distance network: every sub-model's WEIGHTS): for benchmarks that time
+#: untrained models and for tests. Every key exists in every config, so they apply to all methods alike.
+RANDOM_INIT_OPTS = ("MODEL.WEIGHTS", "", "MODEL.BRPNET.STAGE1.WEIGHTS", "", "MODEL.TWO_STAGE.STAGE1.WEIGHTS", "",
+                    "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS", "",
                     "MODEL.MASKRCNN_PLUS.ALLOW_UNTRAINED_DISTANCE", "True")
 
 __all__ = ["RANDOM_INIT_OPTS", "UNTRAINABLE_ARCHITECTURES", "CheckpointError", "ConfigError",
-           "check_config_weights", "check_datasets", "check_weights", "leave_process_group", "setup_cfg",
-           "weights_in_use", "write_override_config"]
+           "check_config_weights", "check_datasets", "check_weights", "leave_process_group", "meta_architecture",
+           "required_targets_of", "setup_cfg", "submodels_of", "weights_in_use", "write_override_config"]
 
 
 def write_override_config(path: str | os.PathLike, base_config: str | os.PathLike, opts: Sequence[str],
@@ -117,16 +118,18 @@ def _shown_path(path: Path) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
-def _producing_command(key: str, path: str, cfg: CfgNode, config_file: str | None) -> str:
+def _producing_command(key: str, path: str, config_file: str | None, producer_config: str = "") -> str:
     """The ``train_net`` command that writes the missing weights file ``path`` (or a hint when none is known).
 
-    ``model_final.pth`` is written to a run's OUTPUT_DIR: the producer is DISTANCE_CONFIG for the distance U-Net,
-    otherwise the config (in configs/ or beside ``config_file``) whose OUTPUT_DIR holds the file, e.g. a stage-1
-    config for a stage-2 config's STAGE1_WEIGHTS / MODEL.WEIGHTS, the pre-training config for a fine-tuning one.
+    ``model_final.pth`` is written to a run's OUTPUT_DIR: the producer is a sub-model's CONFIG when it names one
+    (``producer_config``), otherwise the config (in configs/ or beside ``config_file``) whose OUTPUT_DIR holds the
+    file, e.g. a stage-1 config for a stage-2 config's STAGE1.WEIGHTS, the pre-training config for a fine-tuning one.
     """
     fallback = {
-        "MODEL.BRPNET.STAGE1_WEIGHTS": "train stage 1 first (MODEL.BRPNET.TRAIN_STAGE 1, e.g. configs/brpnet.yaml) "
+        "MODEL.BRPNET.STAGE1.WEIGHTS": "train stage 1 first (MODEL.BRPNET.TRAIN_STAGE 1, e.g. configs/brpnet.yaml) "
                                        "and give its model_final.pth",
+        "MODEL.TWO_STAGE.STAGE1.WEIGHTS": "train stage 1 first (MODEL.TWO_STAGE.TRAIN_STAGE 1, e.g. "
+                                          "configs/two_stage_unet.yaml) and give its model_final.pth",
         "MODEL.BRPNET.DENSENET_WEIGHTS": "give torchvision's densenet121 state dict (densenet121-a639ec97.pth; "
                                          "nothing is downloaded), or '' to start TAFE from random initialisation",
     }.get(key, "")
@@ -135,12 +138,11 @@ def _producing_command(key: str, path: str, cfg: CfgNode, config_file: str | Non
         return fallback
     out_dir = os.path.dirname(target)
     producer: str | None = None
-    if key == "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS":
-        dist = cfg.MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG
-        if os.path.isfile(dist):
-            producer = dist
-        elif (_REPO / dist).is_file():
-            producer = _shown_path(_REPO / dist)
+    if producer_config:
+        if os.path.isfile(producer_config):
+            producer = producer_config
+        elif (_REPO / producer_config).is_file():
+            producer = _shown_path(_REPO / producer_config)
     else:
         folders = [_REPO / "configs"] + ([Path(config_file).resolve().parent] if config_file else [])
         for config in sorted({c.resolve() for folder in dict.fromkeys(folders) for c in folder.glob("*.yaml")}):
@@ -157,32 +159,58 @@ def _producing_command(key: str, path: str, cfg: CfgNode, config_file: str | Non
     return f"produce it with: {command}"
 
 
-def weights_in_use(cfg: CfgNode) -> list[tuple[str, str]]:
-    """Every (config key, weights path) the model a config describes will load; empty paths included.
+def meta_architecture(cfg: CfgNode) -> type | None:
+    """The registered class of ``MODEL.META_ARCHITECTURE`` (None when it is not registered)."""
+    from detectron2.modeling import META_ARCH_REGISTRY
 
-    DISTANCE_WEIGHTS only counts when Mask R-CNN+ predicts a distance channel, STAGE1/DENSENET_WEIGHTS only for
-    BRP-Net: other configs inherit them without using them.
+    from .. import modeling  # noqa: F401  (registers ours)
+
+    try:
+        return META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+    except KeyError:
+        return None
+
+
+def submodels_of(cfg: CfgNode) -> list:
+    """The sub-models (:class:`nuclei_d2.modeling.submodel.SubModel`) the config's model loads: its
+    meta-architecture's ``submodels(cfg)`` (stage-1 networks, Mask R-CNN+'s distance network)."""
+    cls = meta_architecture(cfg)
+    fn = getattr(cls, "submodels", None)
+    return list(fn(cfg)) if fn is not None else []
+
+
+def required_targets_of(cfg: CfgNode) -> tuple[str, ...]:
+    """The dense targets the config's model trains on: its meta-architecture's ``required_targets_of(cfg)``."""
+    cls = meta_architecture(cfg)
+    fn = getattr(cls, "required_targets_of", None)
+    return tuple(fn(cfg)) if fn is not None else ()
+
+
+def weights_in_use(cfg: CfgNode) -> list[tuple[str, str, str]]:
+    """Every (config key, weights path, config that trains it) the model a config describes will load; empty
+    paths included, the config "" when unknown.
+
+    Sub-models count only when the model uses them (:func:`submodels_of`: e.g. Mask R-CNN+'s distance network only
+    with a predicted distance channel), DENSENET_WEIGHTS only for BRP-Net: other configs inherit the keys without
+    using them.
     """
     m = cfg.MODEL
-    out = [("MODEL.WEIGHTS", m.WEIGHTS)]
-    if (m.META_ARCHITECTURE == "MaskRCNNPlus" and "distance" in cfg.INPUT.EXTRA_CHANNELS
-            and m.MASKRCNN_PLUS.DISTANCE_SOURCE == "unet"):
-        out.append(("MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS", m.MASKRCNN_PLUS.DISTANCE_WEIGHTS))
+    out = [("MODEL.WEIGHTS", m.WEIGHTS, "")]
+    out += [(spec.weights_key, spec.weights, spec.config) for spec in submodels_of(cfg)]
     if m.META_ARCHITECTURE == "BRPNet":
-        out += [("MODEL.BRPNET.STAGE1_WEIGHTS", m.BRPNET.STAGE1_WEIGHTS),
-                ("MODEL.BRPNET.DENSENET_WEIGHTS", m.BRPNET.DENSENET_WEIGHTS)]
-    out += [(f"TEST.ENSEMBLE.WEIGHTS[{i}]", w) for i, w in enumerate(cfg.TEST.ENSEMBLE.WEIGHTS)]
+        out.append(("MODEL.BRPNET.DENSENET_WEIGHTS", m.BRPNET.DENSENET_WEIGHTS, ""))
+    out += [(f"TEST.ENSEMBLE.WEIGHTS[{i}]", w, "") for i, w in enumerate(cfg.TEST.ENSEMBLE.WEIGHTS)]
     return out
 
 
 def check_config_weights(cfg: CfgNode, config_file: str | None = None, resume: bool = False) -> None:
     """:func:`check_weights` for every weights file the config names, before anything starts: a missing one is one
-    line naming the key, the path and the command that produces it."""
+    line naming the key, the path and the command that produces it (for a sub-model: its CONFIG)."""
     allow_pickle = bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE)
-    for key, path in weights_in_use(cfg):
+    for key, path, producer in weights_in_use(cfg):
         check_weights(path, resume=resume, output_dir=cfg.OUTPUT_DIR, key=key, allow_pickle=allow_pickle,
-                      hint=lambda k=key, p=path: _producing_command(k.split("[")[0], p, cfg, config_file),
-                      repo_relative=key == "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS")
+                      hint=lambda k=key, p=path, c=producer: _producing_command(k.split("[")[0], p, config_file, c),
+                      repo_relative=key != "MODEL.WEIGHTS" and key.endswith(".WEIGHTS"))
 
 
 #: Display names of the families of Detectron2's built-in datasets (by the first word of their names).
@@ -271,6 +299,8 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"DATASETS.REGISTER: {e}") from e
     _fall_back_to_cpu(cfg)
+    # INPUT.TARGETS lists extras; the targets the model trains on follow from it (no hand-kept list in YAML)
+    cfg.INPUT.TARGETS = list(dict.fromkeys([*required_targets_of(cfg), *cfg.INPUT.TARGETS]))
     check_config_weights(cfg, config_file, resume=resume)
     if not eval_only:
         if cfg.MODEL.META_ARCHITECTURE in UNTRAINABLE_ARCHITECTURES:

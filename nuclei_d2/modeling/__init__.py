@@ -1,6 +1,7 @@
 """Meta-architectures, heads and backbones, registered in Detectron2's registries on import.
 
-- ``maskrcnn_plus`` / ``distance_unet``: Mask R-CNN+ (five-channel input) and its distance U-Net
+- ``maskrcnn_plus``: Mask R-CNN+ (five-channel input; its distance network is the two-stage U-Net's, composed
+  through ``submodel``)
 - ``panoptic_fusion`` / ``gcn`` / ``dual_modal_mask_head``: panoptic semantic-fusion Mask R-CNN (Liu et al. 2019)
 - ``brpnet``: BRP-Net (Chen et al. 2020)
 - ``classical_watershed``: the no-training floor (deconvolution, Otsu, distance watershed)
@@ -10,7 +11,6 @@
 from . import (  # noqa: F401  (importing registers)
     brpnet,
     classical_watershed,
-    distance_unet,
     dual_modal_mask_head,
     gcn,
     maskrcnn_plus,

@@ -8,8 +8,10 @@ The paper adds to a standard Mask R-CNN:
 * **two input channels** (Sec. "input"): the hematoxylin intensity from Ruifrok colour deconvolution and the
   Euclidean distance map of the nuclei. A learned 1x1 convolution maps the five channels to three, so the backbone
   stays a standard (ImageNet/COCO-pretrainable) one. The distance channel comes from the ground truth in training
-  and from a separate **distance U-Net** at inference (:class:`~nuclei_d2.modeling.distance_unet.DistanceUNet`,
-  trained with its own config and loaded by path);
+  and from a separate **distance U-Net** at inference: the two-stage U-Net's distance network
+  (:class:`~nuclei_d2.modeling.two_stage_unet.TwoStageUNet`, trained with its own config), the sub-model
+  ``MODEL.MASKRCNN_PLUS.DISTANCE_NET`` (:mod:`nuclei_d2.modeling.submodel`). With
+  ``TRAIN_ON_PREDICTED_DISTANCE True`` training uses the predicted map too (what the model sees at test time);
 * a **four-stage training schedule** after Hollandi et al. 2020 (:mod:`nuclei_d2.engine.staged_schedule`);
 * **knowledge transfer** (pre-training on another dataset, then fine-tuning: two configs);
 * **test-time augmentation** and **ensembling** with instance-level merging (:mod:`nuclei_d2.inference.test_time`).
@@ -17,25 +19,24 @@ The paper adds to a standard Mask R-CNN:
 This module is the model part. :class:`MaskRCNNPlus` is a ``GeneralizedRCNN`` whose ``preprocess_image``
 
 1. checks the input has ``3 + len(INPUT.EXTRA_CHANNELS)`` channels (the mapper stacks them after RGB, 0-255);
-2. at inference, replaces the (zero) ``distance`` channel by the distance U-Net's prediction, clipped to [0, 1]
-   and scaled by 255 exactly like the mapper scales the ground-truth map;
+2. at inference (and in training with ``TRAIN_ON_PREDICTED_DISTANCE``), replaces the ``distance`` channel by the
+   distance network's prediction, clipped to [0, 1] and scaled by 255 exactly like the mapper scales the
+   ground-truth map;
 3. normalises with the ``C`` entries of ``MODEL.PIXEL_MEAN/STD``, pads, and applies the 1x1 projection.
 
 The extra channels are switchable (``INPUT.EXTRA_CHANNELS``: ``[]``, ``["hematoxylin"]``, ``["distance"]`` or both)
 for the paper's ablation; with ``[]`` and ``MODEL.MASKRCNN_PLUS.INPUT_PROJECTION False`` it is exactly the baseline
 Mask R-CNN.
 
-The distance U-Net is a frozen submodule (``distance_unet.*`` in checkpoints, always in eval mode, never in the
-optimizer), so a trained Mask R-CNN+ checkpoint is self-contained. When ``MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS``
+The distance network is a frozen submodule (``distance_unet.*`` in checkpoints, always in eval mode, never in the
+optimizer), so a trained Mask R-CNN+ checkpoint is self-contained. When ``MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS``
 names a file, that file wins over any ``distance_unet.*`` weights in ``MODEL.WEIGHTS`` (e.g. of a pre-training run).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,72 +48,28 @@ from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint_file, model_state_of
-from .distance_unet import DistanceUNet
+from .submodel import SubModel, build_submodel_config, keep_on_load, setup_submodel
+from .two_stage_unet import TwoStageUNet
 
-__all__ = ["MaskRCNNPlus", "build_distance_unet", "load_distance_unet_weights"]
+__all__ = ["MaskRCNNPlus", "build_distance_net"]
 
 logger = logging.getLogger(__name__)
 
 DISTANCE_SOURCES = ("unet", "input")
 PROJECTION_INITS = ("rgb", "random")
-_REPO = Path(__file__).resolve().parents[2]
+DISTANCE_NET = "MODEL.MASKRCNN_PLUS.DISTANCE_NET"
 
 
-def _resolve(path: str, what: str) -> str:
-    """``path`` as given if it exists, else relative to the repository (configs/... work from any directory)."""
-    p = os.path.expanduser(path)
-    if os.path.isfile(p):
-        return p
-    alt = _REPO / path
-    if not os.path.isabs(path) and alt.is_file():
-        return str(alt)
-    raise FileNotFoundError(f"{what}: file not found: {path!r}")
+def build_distance_net(spec: SubModel, device: str = "cpu") -> tuple[TwoStageUNet, Any]:
+    """The distance network ``spec.config`` describes (a TwoStageUNet config; untrained), and that config.
 
-
-def build_distance_unet(config_file: str, device: str = "cpu") -> tuple[DistanceUNet, Any]:
-    """The :class:`DistanceUNet` a config file describes (untrained), and that config."""
-    from detectron2.config import get_cfg
-
-    from ..config import add_nuclei_config
-
-    path = _resolve(config_file, "MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG")
-    dcfg = get_cfg()
-    add_nuclei_config(dcfg)
-    try:
-        dcfg.merge_from_file(path)
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ValueError(f"MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG: {path}: {e}") from e
-    dcfg.MODEL.DEVICE = device
-    if dcfg.MODEL.META_ARCHITECTURE != "DistanceUNet":
-        raise ValueError(f"MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG: {path} describes a {dcfg.MODEL.META_ARCHITECTURE!r}, "
-                         "not a 'DistanceUNet' (use configs/distance_unet.yaml or a config based on it)")
-    return DistanceUNet(dcfg), dcfg
-
-
-def load_distance_unet_weights(net: DistanceUNet, weights: str, *, allow_pickle: bool = False) -> None:
-    """Load a ``DistanceUNet`` checkpoint (``model_final.pth`` of a ``train_net`` run, or a bare state dict) strictly,
-    through the safe loader (:func:`nuclei_d2.checkpoint.load_checkpoint_file`; ``.pkl`` only with ``allow_pickle``).
-
-    Raises:
-        FileNotFoundError: no such file.
-        CheckpointError (a ValueError): the file cannot be read safely, or does not hold this distance U-Net (the
-            message lists missing/unexpected keys).
+    It is built with ``INFERENCE "distance"`` (Mask R-CNN+ needs only its distance map: the segmentation U-Net of a
+    stage-2 config is never run).
     """
-    key = "MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS"
-    path = _resolve(weights, key)
-    ckpt = load_checkpoint_file(path, allow_pickle=allow_pickle, what=key)
-    state = {k: torch.as_tensor(v) for k, v in model_state_of(ckpt).items()}
-    own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or bad_shape:
-        raise CheckpointError(f"MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS: {path} does not match the distance U-Net of "
-                              f"MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG (missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}, different shapes {bad_shape[:5]}); train it with that config "
-                              "(python tools/train_net.py --config-file configs/distance_unet.yaml)")
-    net.load_state_dict(state, strict=True)
+    dcfg = build_submodel_config(spec, device, "TwoStageUNet")
+    dcfg.MODEL.TWO_STAGE.INFERENCE = "distance"
+    dcfg.MODEL.TWO_STAGE.STAGE1.WEIGHTS = ""  # its own stage-1 U-Net is not used here
+    return TwoStageUNet(dcfg), dcfg
 
 
 @META_ARCH_REGISTRY.register()
@@ -121,9 +78,10 @@ class MaskRCNNPlus(GeneralizedRCNN):
 
     @configurable
     def __init__(self, *, channel_names: Sequence[str], input_proj: nn.Module | None = None,
-                 distance_source: str = "unet", distance_unet: DistanceUNet | None = None,
-                 distance_channels: Sequence[int] | None = None, distance_trained: bool = False,
-                 allow_untrained_distance: bool = False, keep_distance_weights: bool = False, **kwargs: Any):
+                 distance_source: str = "unet", distance_unet: TwoStageUNet | None = None,
+                 distance_channels: Sequence[int] | None = None, distance_spec: SubModel | None = None,
+                 allow_untrained_distance: bool = False, train_on_predicted_distance: bool = False,
+                 allow_pickle: bool = False, **kwargs: Any):
         """
         Args:
             channel_names: names of the input channels (``red, green, blue`` + ``INPUT.EXTRA_CHANNELS``).
@@ -131,13 +89,16 @@ class MaskRCNNPlus(GeneralizedRCNN):
                 None to feed the backbone directly.
             distance_source: where the ``distance`` channel comes from at inference: ``"unet"`` (the distance U-Net)
                 or ``"input"`` (as given in the input, e.g. precomputed maps).
-            distance_unet: the (frozen) distance U-Net, needed when ``distance`` is a channel and the source "unet".
-            distance_channels: indices of our input channels the distance U-Net takes (its RGB + extra channels).
-            distance_trained: the distance U-Net holds trained weights (a buffer; checkpoints carry it).
-            allow_untrained_distance: run inference with an untrained distance U-Net (tests, timing) instead of
+            distance_unet: the distance network (a :class:`TwoStageUNet`), needed when ``distance`` is a channel and
+                the source "unet"; always frozen.
+            distance_channels: indices of our input channels the distance network takes (its RGB + extra channels).
+            distance_spec: its sub-model spec (``MODEL.MASKRCNN_PLUS.DISTANCE_NET``): its weights are loaded, and
+                kept when a whole checkpoint is loaded later (:func:`~nuclei_d2.modeling.submodel.setup_submodel`).
+            allow_untrained_distance: run inference with an untrained distance network (tests, timing) instead of
                 raising.
-            keep_distance_weights: when loading a checkpoint, keep the current ``distance_unet.*`` weights (they were
-                loaded from ``MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS``) instead of the checkpoint's.
+            train_on_predicted_distance: in training too, fill the ``distance`` channel with the distance network's
+                prediction (instead of the ground truth's map).
+            allow_pickle: accept a ``.pkl`` distance-network checkpoint (unpickling can run code).
             kwargs: ``GeneralizedRCNN`` arguments (backbone, proposal_generator, roi_heads, pixel_mean, pixel_std,
                 input_format, vis_period).
         """
@@ -154,18 +115,25 @@ class MaskRCNNPlus(GeneralizedRCNN):
         self.distance_index = self.channel_names.index("distance") if "distance" in self.channel_names else None
         self.distance_source = distance_source
         if self.distance_index is not None and distance_source == "unet" and distance_unet is None:
-            raise ValueError("the 'distance' input channel needs a distance U-Net at inference: set "
-                             "MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG (and DISTANCE_WEIGHTS), or DISTANCE_SOURCE 'input'")
+            raise ValueError(f"the 'distance' input channel needs a distance network at inference: set "
+                             f"{DISTANCE_NET}.CONFIG (and WEIGHTS), or DISTANCE_SOURCE 'input'")
+        if train_on_predicted_distance and (self.distance_index is None or distance_unet is None):
+            raise ValueError("MODEL.MASKRCNN_PLUS.TRAIN_ON_PREDICTED_DISTANCE needs the 'distance' input channel "
+                             f"predicted by a distance network ({DISTANCE_NET}, DISTANCE_SOURCE 'unet')")
         self.distance_unet = distance_unet
         self.distance_channels = list(distance_channels) if distance_channels is not None else [0, 1, 2]
         self.allow_untrained_distance = bool(allow_untrained_distance)
-        self.register_buffer("distance_trained", torch.tensor(bool(distance_trained)), persistent=True)
+        self.train_on_predicted_distance = bool(train_on_predicted_distance)
+        trained = False
         if distance_unet is not None:
-            for p in distance_unet.parameters():
-                p.requires_grad_(False)
-            distance_unet.eval()
-        self._keep_distance_weights = bool(keep_distance_weights)
-        self.register_load_state_dict_pre_hook(_keep_distance_unet_hook)
+            spec = distance_spec if distance_spec is not None else SubModel(DISTANCE_NET, what="distance U-Net")
+            if not spec.frozen:
+                raise ValueError(f"{DISTANCE_NET}.FROZEN must be True: the distance network does not train inside "
+                                 "Mask R-CNN+ (train it with its own config)")
+            trained = setup_submodel(self, "distance_unet", spec, allow_pickle=allow_pickle)
+        self.register_buffer("distance_trained", torch.tensor(trained), persistent=True)
+        if trained:  # the buffer says where the loaded distance network came from: keep it with the weights
+            keep_on_load(self, "distance_trained")
 
     @classmethod
     def from_config(cls, cfg: Any) -> dict[str, Any]:
@@ -206,47 +174,48 @@ class MaskRCNNPlus(GeneralizedRCNN):
             "input_proj": input_proj,
             "distance_source": mp.DISTANCE_SOURCE,
             "allow_untrained_distance": bool(mp.ALLOW_UNTRAINED_DISTANCE),
+            "train_on_predicted_distance": bool(mp.TRAIN_ON_PREDICTED_DISTANCE),
+            "allow_pickle": bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE),
         }
         if "distance" in names and mp.DISTANCE_SOURCE == "unet":
-            if not mp.DISTANCE_CONFIG:
-                raise ValueError("INPUT.EXTRA_CHANNELS has 'distance': set MODEL.MASKRCNN_PLUS.DISTANCE_CONFIG to the "
-                                 "distance U-Net's config (e.g. configs/distance_unet.yaml)")
-            net, dcfg = build_distance_unet(mp.DISTANCE_CONFIG, cfg.MODEL.DEVICE)
+            spec = SubModel.from_config(cfg, DISTANCE_NET, "distance U-Net")
+            if not spec.config:
+                raise ValueError(f"INPUT.EXTRA_CHANNELS has 'distance': set {DISTANCE_NET}.CONFIG to the distance "
+                                 "network's config (e.g. configs/distance_unet.yaml)")
+            net, dcfg = build_distance_net(spec, cfg.MODEL.DEVICE)
             dnames = input_channel_names(dcfg)
             missing = [n for n in dnames if n not in names or n == "distance"]
             if missing:
-                raise ValueError(f"the distance U-Net ({mp.DISTANCE_CONFIG}) takes channels {dnames}, but {missing} "
+                raise ValueError(f"the distance network ({spec.config}) takes channels {dnames}, but {missing} "
                                  f"are not among Mask R-CNN+'s inputs {names}")
             kwargs["distance_unet"] = net
             kwargs["distance_channels"] = [names.index(n) for n in dnames]
-            if mp.DISTANCE_WEIGHTS:
-                load_distance_unet_weights(net, mp.DISTANCE_WEIGHTS, allow_pickle=cfg.MODEL.CHECKPOINT.ALLOW_PICKLE)
-                kwargs["distance_trained"] = True
-                kwargs["keep_distance_weights"] = True
-                logger.info("Mask R-CNN+: distance U-Net loaded from %s", mp.DISTANCE_WEIGHTS)
-            elif not mp.ALLOW_UNTRAINED_DISTANCE:
-                logger.info("Mask R-CNN+: MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS is empty: the distance U-Net must come "
-                            "from MODEL.WEIGHTS (a trained Mask R-CNN+ checkpoint) for inference")
+            kwargs["distance_spec"] = spec
+            if not spec.weights and not mp.ALLOW_UNTRAINED_DISTANCE:
+                logger.info("Mask R-CNN+: %s.WEIGHTS is empty: the distance network must come from MODEL.WEIGHTS (a "
+                            "trained Mask R-CNN+ checkpoint) for inference", DISTANCE_NET)
         return kwargs
 
-    def checkpoint_kept_prefixes(self) -> tuple[str, ...]:
-        """State-dict keys loading a checkpoint leaves alone (see :func:`_keep_distance_unet_hook`): the fit check of
-        :class:`nuclei_d2.checkpoint.NucleiCheckpointer` does not count them as missing."""
-        return ("distance_unet.", "distance_trained") if self._keep_distance_weights else ()
+    @classmethod
+    def submodels(cls, cfg: Any) -> list[SubModel]:
+        """The sub-models a config of this meta-architecture loads: the distance network, when it predicts the
+        ``distance`` channel and has weights of its own."""
+        mp = cfg.MODEL.MASKRCNN_PLUS
+        if "distance" not in cfg.INPUT.EXTRA_CHANNELS or mp.DISTANCE_SOURCE != "unet" or not mp.DISTANCE_NET.WEIGHTS:
+            return []
+        return [SubModel.from_config(cfg, DISTANCE_NET, "distance U-Net")]
 
-    def train(self, mode: bool = True) -> MaskRCNNPlus:
-        super().train(mode)
-        if self.distance_unet is not None:  # frozen: no dropout in training either
-            self.distance_unet.train(False)
-        return self
+    @classmethod
+    def required_targets_of(cls, cfg: Any) -> tuple[str, ...]:
+        """No dense targets (the distance channel is an input the mapper stacks, not a target)."""
+        return ()
 
     def fill_distance(self, image: torch.Tensor) -> torch.Tensor:
         """``image`` (``C x H x W``, 0-255) with its distance channel replaced by the distance U-Net's prediction."""
         if not bool(self.distance_trained) and not self.allow_untrained_distance:
             raise RuntimeError("Mask R-CNN+ inference needs a trained distance U-Net for the 'distance' channel, but "
-                               "none was loaded: set MODEL.MASKRCNN_PLUS.DISTANCE_WEIGHTS to the model_final.pth of a "
-                               "run of configs/distance_unet.yaml (or load a Mask R-CNN+ checkpoint that contains "
-                               "one)")
+                               f"none was loaded: set {DISTANCE_NET}.WEIGHTS to the model_final.pth of a run of "
+                               "configs/distance_unet.yaml (or load a Mask R-CNN+ checkpoint that contains one)")
         assert self.distance_unet is not None and self.distance_index is not None
         dist = self.distance_unet.predict_distance(image[self.distance_channels])
         out = image.clone()
@@ -254,7 +223,8 @@ class MaskRCNNPlus(GeneralizedRCNN):
         return out
 
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
-        """Check channels, fill the distance channel (inference), normalise, pad, project (see the module doc)."""
+        """Check channels, fill the distance channel (inference; training with TRAIN_ON_PREDICTED_DISTANCE), normalise,
+        pad, project (see the module doc)."""
         images = []
         for i, x in enumerate(batched_inputs):
             img = self._move_to_current_device(x["image"])
@@ -262,7 +232,8 @@ class MaskRCNNPlus(GeneralizedRCNN):
                 raise ValueError(f"{x.get('file_name', f'input {i}')}: Mask R-CNN+ expects a "
                                  f"{len(self.channel_names)} x H x W image ({list(self.channel_names)}), got shape "
                                  f"{tuple(img.shape)}; check INPUT.EXTRA_CHANNELS matches the model")
-            if not self.training and self.distance_index is not None and self.distance_source == "unet":
+            if self.distance_index is not None and self.distance_source == "unet" and (
+                    not self.training or self.train_on_predicted_distance):
                 img = self.fill_distance(img)
             images.append((img - self.pixel_mean) / self.pixel_std)
         il = ImageList.from_tensors(images, self.backbone.size_divisibility,
@@ -276,14 +247,3 @@ class MaskRCNNPlus(GeneralizedRCNN):
         rgb = [{**x, "image": x["image"][:3]} for x in batched_inputs]
         super().visualize_training(rgb, proposals)
 
-
-def _keep_distance_unet_hook(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook: with ``keep_distance_weights``, replace the checkpoint's ``distance_unet.*`` (and
-    ``distance_trained``) by the current values, so weights from DISTANCE_WEIGHTS survive loading MODEL.WEIGHTS."""
-    if not getattr(module, "_keep_distance_weights", False):
-        return
-    own = module.state_dict(prefix=prefix, keep_vars=False)
-    for k in list(own):
-        if k.startswith(prefix + "distance_unet.") or k == prefix + "distance_trained":
-            if k in state_dict:
-                state_dict[k] = own[k].detach().clone()

@@ -89,6 +89,11 @@ class NucleusBoundaryUNet(DenseSegmentor):
             "restrict_to_foreground": bool(nb.RESTRICT_TO_FOREGROUND),
         }
 
+    @classmethod
+    def required_targets_of(cls, cfg: Any) -> tuple[str, ...]:
+        """The dense targets a config's training losses need (added to ``INPUT.TARGETS`` by setup)."""
+        return ("ternary", "edge_weight") if cfg.MODEL.NB.LOSS_WEIGHTING == "edge" else ("ternary",)
+
     @property
     def required_targets(self) -> tuple[str, ...]:
         return ("ternary", "edge_weight") if self.loss_weighting == "edge" else ("ternary",)

@@ -17,8 +17,8 @@ runs from configs (see ``docs/panoptic_fusion.md``):
 
 Total loss = RPN + box + mask + w1 * L_semseg1 + w2 * L_semseg2 (w1 = w2 = 1 in the paper).
 
-The foreground target comes from the dataset mapper (``INPUT.TARGETS: ["foreground"]``); the model only pads it like
-the images (padding is ignored by the losses).
+The foreground target comes from the dataset mapper (setup adds it to ``INPUT.TARGETS``: ``required_targets_of``);
+the model only pads it like the images (padding is ignored by the losses).
 """
 
 from __future__ import annotations
@@ -272,6 +272,13 @@ class PanopticFusionRCNN(GeneralizedRCNN):
         ret.update(fusion_in_feature=pf.FUSION_IN_FEATURE, semseg1_weight=pf.SEM_SEG1_WEIGHT,
                    semseg2_weight=pf.SEM_SEG2_WEIGHT, ignore_value=pf.IGNORE_VALUE, paste_order=pf.PASTE_ORDER)
         return ret
+
+    @classmethod
+    def required_targets_of(cls, cfg) -> tuple[str, ...]:
+        """The dense targets a config's training losses need (added to ``INPUT.TARGETS`` by setup): the foreground
+        map of the semantic losses."""
+        pf = cfg.MODEL.PANOPTIC_FUSION
+        return ("foreground",) if pf.SEMANTIC_BRANCH or pf.FEATURE_FUSION else ()
 
     def forward(self, batched_inputs: list[dict]):
         if not self.training:

@@ -6,7 +6,8 @@ Two stages trained in two runs of ``tools/train_net.py`` (``MODEL.BRPNET.TRAIN_S
 1. **TAFE** (:mod:`.tafe`) predicts nucleus (``semantic``) and ``boundary`` probabilities; targets are the mapper's
    ``foreground`` and ``boundary`` (``INPUT.TARGETS``). Loss per output and deep-supervision branch: smooth
    truncated loss + ``DICE_WEIGHT`` x soft Dice.
-2. **Proposal-wise segmentation** (:mod:`.refine`): TAFE is loaded from ``MODEL.BRPNET.STAGE1_WEIGHTS`` and frozen;
+2. **Proposal-wise segmentation** (:mod:`.refine`): TAFE comes from stage 1 through the sub-model spec
+   ``MODEL.BRPNET.STAGE1`` (:mod:`nuclei_d2.modeling.submodel`: loaded strictly, frozen unless ``FROZEN False``);
    in each training forward it makes proposals on the training crops (:func:`.proposals.extract_proposals`), each is
    matched to the ground truth (``label_map``) with IoU > ``MATCH_IOU`` and the two refinement networks learn the
    matched mask with a focal loss.
@@ -19,7 +20,6 @@ alone. Output: the project's contract ``{"instances", "label_map", "probs"}`` (:
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -29,45 +29,21 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
-from ...checkpoint import CheckpointError, load_checkpoint_file, model_state_of
 from ..dense_base import DenseSegmentor, dense_base_kwargs
+from ..submodel import SubModel, freeze, setup_submodel
 from .densenet import DenseNetEncoder
 from .proposals import assign_proposal_labels, extract_proposals, proposal_boxes
 from .refine import RefineNet, assemble_refined, build_patches, sigmoid_focal_loss
 from .tafe import TAFE, TASKS, smooth_truncated_loss, soft_dice_loss
 
-__all__ = ["BRPNet", "load_stage1_weights"]
+__all__ = ["BRPNet"]
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_MODES = ("refine", "proposals")
 
 
-def load_stage1_weights(model: BRPNet, path: str, *, allow_pickle: bool = False) -> int:
-    """Load the ``tafe.*`` tensors of a stage-1 checkpoint (a train_net ``model_final.pth``) into ``model.tafe``,
-    through the safe loader (:func:`nuclei_d2.checkpoint.load_checkpoint_file`; ``.pkl`` only with ``allow_pickle``).
-
-    Raises:
-        FileNotFoundError / ValueError: missing file, or no (or mismatching) TAFE tensors in it (CheckpointError, a
-            ValueError, when the file cannot be read safely).
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: stage-1 checkpoint not found (MODEL.BRPNET.STAGE1_WEIGHTS); train stage 1 "
-                                "first (configs/brpnet.yaml)")
-    state = model_state_of(load_checkpoint_file(path, allow_pickle=allow_pickle, what="MODEL.BRPNET.STAGE1_WEIGHTS"))
-    tafe = {k[len("tafe."):]: v for k, v in state.items() if k.startswith("tafe.")}
-    if not tafe:
-        raise CheckpointError(f"{path}: no 'tafe.*' tensors; is it a BRP-Net stage-1 checkpoint?")
-    own = model.tafe.state_dict()
-    bad = [k for k, v in tafe.items() if k not in own or tuple(own[k].shape) != tuple(torch.as_tensor(v).shape)]
-    missing = [k for k in own if k not in tafe]
-    if bad or missing:
-        raise CheckpointError(f"{path}: the stage-1 TAFE does not fit this config ({len(bad)} unexpected/mismatched, "
-                         f"{len(missing)} missing tensors, e.g. {(bad + missing)[0]}); use the stage-1 config's "
-                         "MODEL.BRPNET.DENSENET / WIDTH")
-    model.tafe.load_state_dict({k: torch.as_tensor(v) for k, v in tafe.items()})
-    logger.info(f"[BRP-Net] loaded stage-1 TAFE ({len(tafe)} tensors) from {path}")
-    return len(tafe)
+STAGE1 = "MODEL.BRPNET.STAGE1"
 
 
 @META_ARCH_REGISTRY.register()
@@ -87,11 +63,11 @@ class BRPNet(DenseSegmentor):
                  small_size: int = 48, large_size: int = 176, mask_dilation: float = 2.0, match_iou: float = 0.5,
                  focal_gamma: float = 2.0, focal_alpha: float = -1.0, max_proposals: int = 64,
                  train_dilations: tuple[float, ...] = (), refine_threshold: float = 0.5, refine_batch: int = 64,
-                 min_size: int = 0, stage1_weights: str = "", allow_pickle: bool = False, **kwargs: Any):
+                 min_size: int = 0, stage1: SubModel | None = None, allow_pickle: bool = False, **kwargs: Any):
         """
         Args:
             tafe: the stage-1 network; refine_small / refine_large: the stage-2 networks (input C + 2 channels).
-            train_stage: 1 (TAFE trains; refinement nets frozen) or 2 (refinement trains; TAFE frozen, in eval mode).
+            train_stage: 1 (TAFE trains; refinement nets frozen) or 2 (refinement trains; TAFE from ``stage1``).
             inference: "refine" (full BRP-Net) or "proposals" (TAFE + post-processing).
             dice_weight, ds_weight, truncation: stage-1 loss = sum over outputs of smooth truncated loss (truncation
                 gamma) + dice_weight x soft Dice; deep-supervision outputs weighted by ds_weight.
@@ -103,7 +79,9 @@ class BRPNet(DenseSegmentor):
             max_proposals: at most this many proposals per training image (random subset; CPU memory).
             train_dilations: proposal dilation radii drawn per training image in stage 2 (empty: proposal's).
             refine_threshold, refine_batch, min_size: paste-back threshold, patches per forward, smallest object.
-            stage1_weights: a stage-1 checkpoint whose ``tafe.*`` tensors are loaded (:func:`load_stage1_weights`).
+            stage1: in stage 2, the sub-model spec of TAFE (``MODEL.BRPNET.STAGE1``: the ``tafe.*`` tensors of a
+                stage-1 checkpoint, frozen unless ``FROZEN`` False;
+                :func:`~nuclei_d2.modeling.submodel.setup_submodel`).
             allow_pickle: accept a ``.pkl`` stage-1 checkpoint (unpickling can run code).
         """
         kwargs.setdefault("size_divisibility", tafe.size_divisibility)
@@ -137,11 +115,12 @@ class BRPNet(DenseSegmentor):
         self._rng = np.random.default_rng(0)
         #: seconds spent in the last inference call: stage1, proposals, stage2 (for benchmarks).
         self.timings: dict[str, float] = {}
-        if stage1_weights:
-            load_stage1_weights(self, stage1_weights, allow_pickle=allow_pickle)
-        for net in self._frozen_nets():
-            for p in net.parameters():
-                p.requires_grad_(False)
+        if self.train_stage == 2:
+            setup_submodel(self, "tafe", stage1 if stage1 is not None else SubModel(STAGE1, what="stage-1 TAFE"),
+                           source_prefix="tafe.", allow_pickle=allow_pickle)
+        else:  # stage 1 does not train the refinement networks: no gradient, no optimizer state, eval mode
+            freeze(self.refine_small)
+            freeze(self.refine_large)
 
     @classmethod
     def from_config(cls, cfg: Any) -> dict[str, Any]:
@@ -180,22 +159,25 @@ class BRPNet(DenseSegmentor):
             "refine_threshold": float(b.REFINE_THRESHOLD),
             "refine_batch": int(b.REFINE_BATCH),
             "min_size": int(b.MIN_SIZE),
-            "stage1_weights": str(b.STAGE1_WEIGHTS),
+            "stage1": SubModel.from_config(cfg, STAGE1, "stage-1 TAFE"),
             "allow_pickle": bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE),
         }
-        if int(b.TRAIN_STAGE) == 2 and not b.STAGE1_WEIGHTS and not cfg.MODEL.WEIGHTS:
-            logger.warning("MODEL.BRPNET.TRAIN_STAGE is 2 but neither MODEL.BRPNET.STAGE1_WEIGHTS nor MODEL.WEIGHTS is "
+        if int(b.TRAIN_STAGE) == 2 and not b.STAGE1.WEIGHTS and not cfg.MODEL.WEIGHTS:
+            logger.warning("MODEL.BRPNET.TRAIN_STAGE is 2 but neither MODEL.BRPNET.STAGE1.WEIGHTS nor MODEL.WEIGHTS is "
                            "set: proposals come from an untrained TAFE")
         return kwargs
 
-    def _frozen_nets(self) -> list[torch.nn.Module]:
-        return [self.refine_small, self.refine_large] if self.train_stage == 1 else [self.tafe]
+    @classmethod
+    def submodels(cls, cfg: Any) -> list[SubModel]:
+        """The sub-models a config of this meta-architecture loads (stage 2: the stage-1 TAFE)."""
+        b = cfg.MODEL.BRPNET
+        return [SubModel.from_config(cfg, STAGE1, "stage-1 TAFE")] if int(b.TRAIN_STAGE) == 2 and b.STAGE1.WEIGHTS \
+            else []
 
-    def train(self, mode: bool = True) -> BRPNet:
-        super().train(mode)
-        for net in self._frozen_nets():  # frozen nets keep their batch-norm statistics
-            net.train(False)
-        return self
+    @classmethod
+    def required_targets_of(cls, cfg: Any) -> tuple[str, ...]:
+        """The dense targets a config's training losses need (added to ``INPUT.TARGETS`` by setup)."""
+        return ("foreground", "boundary") if int(cfg.MODEL.BRPNET.TRAIN_STAGE) == 1 else ()
 
     @property
     def required_targets(self) -> tuple[str, ...]:
