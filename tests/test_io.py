@@ -11,6 +11,7 @@ from nuclei_d2.utils.io import (
     ImageReadError,
     atomic_write,
     read_image_rgb,
+    read_json,
     read_label_map,
     write_json_atomic,
     write_label_map,
@@ -71,3 +72,30 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(target, failing)
     assert target.read_text() == '{"ok": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
+
+
+def test_read_json_every_failure_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
+    assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
+    with pytest.raises(FileNotFoundError, match=r"^.*nope\.json: split file not found$"):
+        read_json(tmp_path / "nope.json", "split file")
+    with pytest.raises(ValueError, match=r"sub: is a folder, not a COCO JSON$"):
+        (tmp_path / "sub").mkdir()
+        read_json(tmp_path / "sub", "COCO JSON")
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(ValueError, match=r"bad\.json: not valid JSON \(Expecting value"):
+        read_json(tmp_path / "bad.json")
+    (tmp_path / "latin1.json").write_bytes(b'{"caf\xe9": 1}')
+    with pytest.raises(ValueError, match=r"latin1\.json: not valid JSON \("):
+        read_json(tmp_path / "latin1.json")
+
+
+def test_read_json_raises_the_callers_error_types(tmp_path):
+    class Mine(ValueError):
+        pass
+
+    with pytest.raises(Mine, match="metadata file not found"):
+        read_json(tmp_path / "m.json", "metadata file", error=Mine, missing=Mine)
+    (tmp_path / "m.json").write_text("[")
+    with pytest.raises(Mine, match="not valid JSON"):
+        read_json(tmp_path / "m.json", error=Mine)

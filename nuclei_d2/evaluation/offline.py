@@ -26,7 +26,6 @@ Sources (:func:`open_label_source`):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..structures import annotations_to_label_map
-from ..utils.io import ImageReadError, atomic_write, read_label_map
+from ..utils.io import ImageReadError, atomic_write, read_json, read_label_map
 from .metrics import HIGHER_IS_BETTER, METRIC_KEYS, compute_metrics
 from .report import format_summary_table, is_seen, summarize, write_records_csv, write_results_json
 
@@ -271,11 +270,7 @@ def open_label_source(path: str | Path, reference: LabelMapSource | None = None,
         raise ValueError(f"{path}: give the folder that holds the label maps, not one file")
     if path.suffix.lower() != ".json":
         raise ValueError(f"{path}: expected a folder of label maps or a COCO .json file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = read_json(path)
     if isinstance(data, Mapping) and "images" in data and "annotations" in data:
         return _coco_source(path, data)
     if isinstance(data, list):
@@ -289,12 +284,7 @@ def load_organ_map(path: str | Path) -> dict[str, str]:
     The MoNuSeg ``metadata.json`` of the shared data has the second form.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: organ map not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    data = read_json(path, "organ map")
     if not isinstance(data, Mapping):
         raise ValueError(f"{path}: expected a JSON object {{image name: organ}}")
     out = {}

@@ -39,7 +39,6 @@ is what one wants in training: random crops of background are common and there i
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils.io import read_image_rgb, write_json_atomic
+from ..utils.io import read_image_rgb, read_json, write_json_atomic
 from .deconvolution import _OD_LUT, _check_rgb
 
 __all__ = [
@@ -314,14 +313,7 @@ class StainNormalizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> StainNormalizer:
         """Read a normaliser written by :meth:`save`."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: stain normaliser file not found")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "stain normaliser file"), source=str(path))
 
     @classmethod
     def from_reference(cls, reference: str | os.PathLike | np.ndarray, method: str = "macenko",

@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "read_image_rgb",
     "read_image_size",
+    "read_json",
     "read_label_map",
     "to_rgb_uint8",
     "write_json_atomic",
@@ -170,6 +171,28 @@ def read_label_map(path: str | os.PathLike, shape: tuple[int, int] | None = None
         raise ImageReadError(f"{path}: label map is {raw.shape[0]}x{raw.shape[1]} but its image is "
                              f"{shape[0]}x{shape[1]}")
     return raw.astype(np.int32)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[Exception] = ValueError,
+              missing: type[Exception] = FileNotFoundError) -> Any:
+    """Parse a JSON file; every way it can fail is one line naming the file.
+
+    Raises:
+        missing: ``"<path>: <what> not found"``.
+        error: ``"<path>: is a folder, not a <what>"`` or ``"<path>: not valid JSON (<parser message>)"`` (also for
+            bytes that are not UTF-8). Callers pass their own error types (e.g. ``ConversionError``) so a tool's
+            ``except`` clause stays the same.
+    """
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise missing(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise error(f"{path}: is a folder, not a {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
 
 
 def _umask() -> int:

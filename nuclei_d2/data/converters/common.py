@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ...structures import label_map_to_annotations
-from ...utils.io import IMAGE_SUFFIXES, write_json_atomic
+from ...utils.io import IMAGE_SUFFIXES, read_json, write_json_atomic
 
 __all__ = [
     "ConversionError",
@@ -322,13 +321,7 @@ def find_files_by_stem(folder: str | os.PathLike, suffixes: Sequence[str], what:
 def read_split_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a split file: JSON mapping split names to lists of stems, possibly nested (see :func:`select_split`)."""
     path = Path(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: split file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, "split file", error=ConversionError, missing=ConversionError)
     if not isinstance(data, dict):
         raise ConversionError(f"{path}: a split file must hold a JSON object of split name -> list of image stems")
     return data
@@ -380,13 +373,7 @@ def load_organs(metadata: str | os.PathLike | dict[str, Any] | None) -> dict[str
         source = "<metadata>"
     else:
         source = str(metadata)
-        try:
-            with open(metadata) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            raise ConversionError(f"{metadata}: metadata file not found") from None
-        except json.JSONDecodeError as e:
-            raise ConversionError(f"{metadata}: not valid JSON ({e})") from None
+        data = read_json(metadata, "metadata file", error=ConversionError, missing=ConversionError)
     if not isinstance(data, dict):
         raise ConversionError(f"{source}: metadata must be a JSON object keyed by image stem")
     organs: dict[str, str] = {}

@@ -8,7 +8,6 @@ converters and back gives the same instances, numbered 1..N in increasing origin
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ...structures import annotations_to_label_map, rle_counts
-from ...utils.io import _umask, write_label_map
+from ...utils.io import _umask, read_json, write_label_map
 from .common import ConversionError, check_output_dir, progress
 
 __all__ = ["coco_to_label_maps", "load_coco_json", "validate_coco"]
@@ -31,15 +30,7 @@ logger = logging.getLogger("nuclei_d2.data.converters")
 def load_coco_json(json_file: str | os.PathLike) -> dict[str, Any]:
     """Read and sanity-check a COCO instance-segmentation JSON; errors name the file and the problem."""
     json_file = Path(json_file)
-    try:
-        with open(json_file) as f:
-            coco = json.load(f)
-    except FileNotFoundError:
-        raise ConversionError(f"{json_file}: COCO JSON not found") from None
-    except IsADirectoryError:
-        raise ConversionError(f"{json_file}: is a folder, not a COCO JSON") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{json_file}: not valid JSON ({e})") from None
+    coco = read_json(json_file, "COCO JSON", error=ConversionError, missing=ConversionError)
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
         raise ConversionError(f"{json_file}: not a COCO JSON (no 'images' list)")
     coco.setdefault("annotations", [])

@@ -16,7 +16,6 @@ Masks are RLE, so the mapper must use ``INPUT.MASK_FORMAT = "bitmask"``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -26,6 +25,8 @@ from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
+
+from ...utils.io import read_json
 
 __all__ = [
     "DatasetLoadError",
@@ -72,10 +73,9 @@ def _read_json(json_file: Path, dataset_name: str | None, missing_hint: str | No
         if hit is not None and hit[0] == stamp:
             return hit[1]
     try:
-        with open(json_file) as f:
-            coco = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetLoadError(f"{who}{json_file} is not valid JSON ({e})") from None
+        coco = read_json(json_file, "annotation file", error=DatasetLoadError, missing=DatasetLoadError)
+    except DatasetLoadError as e:
+        raise DatasetLoadError(f"{who}{e}") from None
     if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
         raise DatasetLoadError(f"{who}{json_file} is not a COCO JSON (no 'images' list)")
     cats = coco.get("categories") or []
