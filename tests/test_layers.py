@@ -58,7 +58,7 @@ def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[i
 
 
 def _layer(module: str, root: str) -> str | None:
-    """The top-level part of ``root`` that ``module`` belongs to (``nuclei_d2.data.io`` -> ``data``)."""
+    """The top-level part of ``root`` that ``module`` belongs to (``nuclei_d2.data.mapper`` -> ``data``)."""
     parts = module.split(".")
     return parts[1] if parts[0] == root and len(parts) > 1 else None
 
