@@ -70,14 +70,14 @@ def child(model: str, slide: str, tile: int, batch: int, out: str) -> dict:
     if model == "oracle":
         from scipy import ndimage
 
-        from nuclei_d2.inference.stitching import crops_from_label_map
         from nuclei_d2.stain import hematoxylin_channel
+        from nuclei_d2.structures import CropMasks
 
         def fn(tiles):
             res = []
             for t in tiles:
                 lab, n = ndimage.label(hematoxylin_channel(t) > 0.3)
-                res.append(crops_from_label_map(lab, np.full(n, 0.9) if n else None))
+                res.append(CropMasks.from_label_map(lab, np.full(n, 0.9) if n else None))
             return res
 
         pred = Predictor(tile_fn=fn, tile_size=tile, overlap=64, batch_size=batch, progress=False)

@@ -327,9 +327,9 @@ def _add_unet_config(cfg: CN) -> None:
     d = cfg.MODEL.DENSE = CN()
     # Return the probability maps (C x H x W, at the input's height/width) under "probs" next to "instances".
     d.RETURN_PROBS = True
-    # Refuse (with a clear error) to build Instances whose N x H x W boolean pred_masks would exceed this many GiB
-    # (thousands of nuclei on a large region); model.predict_probs + model.postprocess work on label maps instead.
-    d.MAX_MASK_GB = 8.0
+    # Predictions are crops (nuclei_d2.structures.CropMasks), never N x H x W masks: the former MAX_MASK_GB guard is
+    # gone. Config files saved before (a run's config.yaml) still load: the key is ignored with a warning.
+    cfg.register_deprecated_key("MODEL.DENSE.MAX_MASK_GB")
 
     # ---- the classical floor: deconvolution + Otsu + distance watershed (nuclei_d2/modeling/classical_watershed.py) --
     c = cfg.MODEL.CLASSICAL = CN()

@@ -311,13 +311,14 @@ def test_stage2_without_stage1_weights_is_a_clear_error(python, tmp_path):
     assert "weights file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_too_large_masks_are_refused_with_a_clear_error():
+def test_dense_output_is_crops_whatever_the_number_of_nuclei():
+    """No MAX_MASK_GB guard any more (issue 23): the output holds crops; pred_masks are built only when read."""
     cfg = tiny_cfg(NB_TINY)
     model = build_model(cfg).eval()
+    assert not hasattr(model, "max_mask_gb") and "MAX_MASK_GB" not in cfg.MODEL.DENSE
     probs = torch.zeros(3, 40, 40)
     probs[2, 5:10, 5:10] = probs[2, 20:30, 20:30] = 1.0
     instances, label = model.postprocess_probs(probs)
     assert len(instances) == 2 and label.max() == 2
-    model.max_mask_gb = 1e-6
-    with pytest.raises(MemoryError, match=r"2 nuclei on a 40x40 image.*MODEL.DENSE.MAX_MASK_GB.*predict_probs"):
-        model.postprocess_probs(probs)
+    assert "pred_masks" not in instances._fields and len(instances.pred_nuclei) == 2
+    assert torch.equal(instances.pred_masks[1], torch.from_numpy(label == 2))

@@ -22,11 +22,11 @@ from detectron2.utils.events import EventStorage
 from nuclei_d2.config import build_cfg
 from nuclei_d2.data.mapper import NucleiDatasetMapper
 from nuclei_d2.engine.staged_schedule import apply_stage, build_staged_schedule_hook
-from nuclei_d2.inference.merge import CropMasks
 from nuclei_d2.inference.test_time import predict_crops
 from nuclei_d2.modeling.maskrcnn_plus import DISTANCE_NET, MaskRCNNPlus, build_distance_net
 from nuclei_d2.modeling.submodel import SubModel
 from nuclei_d2.modeling.two_stage_unet import TwoStageUNet
+from nuclei_d2.structures import CropMasks
 
 TINY = "maskrcnn_plus-tiny.yaml"
 

@@ -23,15 +23,15 @@ from nuclei_d2.inference.outputs import (
     make_records,
     mask_polygon,
 )
-from nuclei_d2.inference.stitching import crops_from_label_map
 from nuclei_d2.stain import hematoxylin_channel
+from nuclei_d2.structures import CropMasks
 from nuclei_d2.utils.io import read_label_map
 
 
 @pytest.fixture(scope="module")
 def tile():
     image, label = make_synthetic_tile((150, 170), 7)
-    return image, label, make_records(crops_from_label_map(label), image, (0, 0), 1)
+    return image, label, make_records(CropMasks.from_label_map(label), image, (0, 0), 1)
 
 
 def test_geojson_valid_polygons_in_image_coordinates_and_loads_back(tmp_path, tile):
@@ -117,7 +117,7 @@ def test_csv_measurements_match_regionprops_and_hematoxylin(tmp_path, tile):
 def test_micron_columns_when_pixel_size_known(tmp_path):
     label = np.zeros((20, 20), np.int32)
     label[2:6, 3:8] = 1
-    recs = make_records(crops_from_label_map(label), None, (0, 0), 1, scale=2.0, mpp=0.25)
+    recs = make_records(CropMasks.from_label_map(label), None, (0, 0), 1, scale=2.0, mpp=0.25)
     assert recs[0].measurements["area_um2"] == pytest.approx(20 * 0.5 * 0.5)
     assert recs[0].measurements["centroid_x"] == pytest.approx(2 * 5.5)
 

@@ -16,9 +16,8 @@ from PIL import Image
 from scipy import ndimage
 
 from nuclei_d2.inference import NucleiPredictor, Predictor, RunOptions, run_batch
-from nuclei_d2.inference.merge import CropMasks
 from nuclei_d2.inference.run import OUTPUT_KINDS, Interrupted
-from nuclei_d2.inference.stitching import crops_from_label_map
+from nuclei_d2.structures import CropMasks
 from nuclei_d2.utils.io import read_label_map
 
 CLASSICAL = str(CONFIGS / "classical_watershed.yaml")  # a real model without weights: fast tool runs
@@ -28,7 +27,7 @@ def dark_blobs(tiles):
     out = []
     for t in tiles:
         lab, n = ndimage.label(t.mean(axis=2) < 150)
-        out.append(crops_from_label_map(lab, np.full(n, 0.9) if n else None))
+        out.append(CropMasks.from_label_map(lab, np.full(n, 0.9) if n else None))
     return out
 
 

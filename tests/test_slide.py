@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from nuclei_d2.inference import Predictor, RunOptions, load_geojson, predict_file, run_batch
 from nuclei_d2.inference.slide import NoTissueError, OpenSlideSource, open_image, tissue_mask
-from nuclei_d2.inference.stitching import crops_from_label_map
+from nuclei_d2.structures import CropMasks
 from nuclei_d2.utils.io import ImageReadError
 
 
@@ -21,7 +21,7 @@ def dark_blobs(tiles):
     out = []
     for t in tiles:
         lab, n = ndimage.label(t.mean(axis=2) < 150)
-        out.append(crops_from_label_map(lab, np.full(n, 0.9) if n else None))
+        out.append(CropMasks.from_label_map(lab, np.full(n, 0.9) if n else None))
     return out
 
 

@@ -8,9 +8,8 @@ from scipy import ndimage
 
 from nuclei_d2.data.synthetic import make_synthetic_tile
 from nuclei_d2.inference import Predictor
-from nuclei_d2.inference.merge import CropMasks
-from nuclei_d2.inference.stitching import TileGrid, crops_from_label_map, remove_duplicates
-from nuclei_d2.structures import relabel_sequential
+from nuclei_d2.inference.stitching import TileGrid, remove_duplicates
+from nuclei_d2.structures import CropMasks, relabel_sequential
 
 
 def encode_labels(label: np.ndarray) -> np.ndarray:
@@ -29,7 +28,7 @@ def oracle_tile_fn(tiles):
         label = t[..., 0].astype(np.int32) + 256 * t[..., 1].astype(np.int32)
         seq = relabel_sequential(label)
         n = int(seq.max())
-        out.append(crops_from_label_map(seq, np.linspace(0.9, 0.5, n) if n else None))
+        out.append(CropMasks.from_label_map(seq, np.linspace(0.9, 0.5, n) if n else None))
     return out
 
 

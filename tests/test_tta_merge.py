@@ -11,10 +11,11 @@ from detectron2.structures import Instances
 from scipy import ndimage
 from torch import nn
 
-from nuclei_d2.inference.merge import CropMasks, group_instances, mask_ious, merge_instances
+from nuclei_d2.inference.merge import group_instances, mask_ious, merge_instances
 from nuclei_d2.inference.test_time import TestTimeWrapper
 from nuclei_d2.inference.tta import parse_tta_transforms, tta_input
 from nuclei_d2.modeling.dense_base import DenseSegmentor
+from nuclei_d2.structures import CropMasks
 
 
 def rect(h: int, w: int, y0: int, y1: int, x0: int, x1: int, value: float = 1.0) -> np.ndarray:

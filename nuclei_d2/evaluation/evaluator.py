@@ -6,9 +6,11 @@ it ran (so each image is scored exactly once and label maps never travel between
 per-image results are gathered on the main process (``detectron2.utils.comm.gather``), put back in dataset order
 and aggregated there, so one process and several give identical numbers.
 
-Prediction label map: the model's ``Instances`` (``pred_masks``) painted by
-:func:`nuclei_d2.structures.instances_to_label_map` -- where masks overlap, a pixel goes to the instance with the
-highest score (ties: the instance listed first).
+Prediction label map: the model's nuclei (:func:`nuclei_d2.structures.nuclei_of`: the ``pred_nuclei`` crops of
+nuclei-d2's models and test-time wrapper, or an R-CNN's ``pred_masks`` cropped) painted crop by crop by
+:meth:`nuclei_d2.structures.CropMasks.to_label_map` under :data:`nuclei_d2.structures.OVERLAP_RULE` (where masks
+overlap, a pixel goes to the instance with the highest score; ties: the instance listed first). No ``N x H x W``
+mask stack is built: memory follows the nuclei, not their number times the image.
 
 Ground truth, per dataset dict (looked up in ``DatasetCatalog`` by ``image_id``, else ``file_name``; the mapped input
 dict is used when the image is not in the catalog):
@@ -36,7 +38,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..structures import annotations_to_label_map, instances_to_label_map
+from ..structures import OVERLAP_RULE, annotations_to_label_map, nuclei_of
 from ..utils.io import read_label_map
 from .metrics import compute_metrics
 from .report import flat_results, format_summary_table, is_seen, summarize, write_records_csv, write_results_json
@@ -150,17 +152,18 @@ class NucleiEvaluator(DatasetEvaluator):
         if "instances" not in out:
             raise KeyError(f"{name}: model output has no 'instances' (keys: {sorted(out)})")
         inst = out["instances"].to("cpu")
-        if self._score_threshold > 0 and inst.has("scores"):
-            inst = inst[inst.scores >= self._score_threshold]
         h, w = inst.image_size
         height, width = int(record.get("height", inp.get("height", h))), int(record.get("width", inp.get("width", w)))
         if (h, w) != (height, width):
             raise ValueError(f"{name}: predictions are {h}x{w} but the image is {height}x{width}; the model must "
                              "return instances at the original resolution (detector_postprocess)")
         try:
-            pred = instances_to_label_map(inst)
+            nuclei = nuclei_of(inst)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from e
+        if self._score_threshold > 0:
+            nuclei = nuclei.select(np.flatnonzero(nuclei.scores >= self._score_threshold))
+        pred = nuclei.to_label_map()
         gt = load_ground_truth(record, shape=(height, width))
         metrics = compute_metrics(gt, pred, self._iou_threshold, hausdorff=self._hausdorff)
         organ = record.get("organ")
@@ -213,7 +216,7 @@ class NucleiEvaluator(DatasetEvaluator):
             settings = {"dataset": self._dataset_name, "iou_threshold": self._iou_threshold, "pq_iou_threshold": 0.5,
                         "hausdorff": self._hausdorff, "score_threshold": self._score_threshold,
                         "train_organs": self._train_organs,
-                        "overlaps": "pixel goes to the highest-scoring instance (ties: first listed)"}
+                        "overlaps": OVERLAP_RULE}
             json_path = write_results_json(os.path.join(self._output_dir, "nuclei_results.json"), per_image, summary,
                                            settings)
             logger.info(f"Per-image nucleus metrics written to {csv_path} and {json_path}")

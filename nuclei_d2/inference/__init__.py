@@ -1,6 +1,6 @@
 """Inference: the predictor and output writers."""
 
-from .merge import CropMasks, merge_instances  # noqa: F401  (instance-level merging: TTA, ensembles)
+from .merge import merge_instances  # noqa: F401  (instance-level merging: TTA, ensembles)
 from .outputs import CocoResultsWriter, CsvWriter, GeoJSONWriter, LabelMapWriter, OverlayWriter, load_geojson  # noqa: F401
 from .predictor import NucleiPredictor, Predictor, TileResult  # noqa: F401
 from .run import FileResult, RunOptions, RunSummary, collect_inputs, predict_file, run_batch  # noqa: F401

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from ..structures import CropMasks
 from ..utils.io import atomic_write, write_label_map
-from .merge import CropMasks
 
 __all__ = ["CSV_COLUMNS", "CocoResultsWriter", "CsvWriter", "GeoJSONWriter", "LabelMapWriter", "NucleusRecord",
            "OverlayWriter", "load_geojson", "make_records", "mask_polygon",
@@ -287,8 +287,9 @@ class LabelMapWriter:
 
     Small images are painted in memory and written by :func:`nuclei_d2.utils.io.write_label_map` (PNG/TIFF/NPY).
     Images above ``memmap_pixels`` with a ``.tif`` name are painted straight into an uncompressed (Big)TIFF memory map
-    on disk (``tifffile.memmap``), so the label map of a whole slide never sits in RAM. Where nuclei overlap, the later
-    one wins.
+    on disk (``tifffile.memmap``), so the label map of a whole slide never sits in RAM. The nuclei it receives share no
+    pixel (:func:`nuclei_d2.inference.predictor.disjoint_tiles` resolved overlaps once, for every writer), so each
+    nucleus's pixels here are the ones its CSV row measures and its GeoJSON polygon outlines.
     """
 
     def __init__(self, path: str | os.PathLike, image_size: tuple[int, int], memmap_pixels: int = 8192 * 8192):

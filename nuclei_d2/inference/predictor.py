@@ -24,12 +24,12 @@ from detectron2.structures import Instances
 
 from ..checkpoint import NucleiCheckpointer
 from ..data.mapper import NucleiDatasetMapper
+from ..structures import CropMasks, nuclei_of
 from ..utils.io import to_rgb_uint8
-from .merge import CropMasks
 from .slide import ArraySource, ImageSource
-from .stitching import Tile, TileGrid, concat_crops, crops_from_label_map, owned_selection, remove_duplicates
+from .stitching import PixelClaims, Tile, TileGrid, owned_selection, remove_duplicates
 
-__all__ = ["NucleiPredictor", "Predictor", "TileResult", "TileFn"]
+__all__ = ["NucleiPredictor", "Predictor", "TileResult", "TileFn", "disjoint_tiles"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ class TileResult:
 
     Attributes:
         tile: the window and its owned region, in the analysed level's frame.
-        crops: kept nuclei as bool crops in the analysed level's frame.
+        crops: kept nuclei as bool crops in the analysed level's frame (after :func:`disjoint_tiles`: sharing no
+            pixel with each other or with an earlier tile's nuclei).
         image: the tile's RGB pixels (for measurements such as the mean haematoxylin intensity).
     """
 
@@ -79,19 +80,20 @@ class TileResult:
 
 
 def _crops_from_output(out: dict[str, Any], score_threshold: float) -> CropMasks:
-    """A model output (``{"instances", maybe "label_map"}``) as :class:`CropMasks` in the output's frame."""
-    inst = out["instances"].to("cpu")
-    if "label_map" in out:  # dense models: the label map is the same nuclei, 1..N in instance order
-        label = out["label_map"]
-        label = label.cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-        scores = inst.scores.numpy() if inst.has("scores") else None
-        classes = inst.pred_classes.numpy() if inst.has("pred_classes") else None
-        crops = crops_from_label_map(label, scores, classes)
-    else:
-        crops = CropMasks.from_instances(inst)
+    """A model output (``{"instances", ...}``) as :class:`CropMasks` in the output's frame (a nuclei-d2 model's own
+    crops; an R-CNN's ``pred_masks`` cropped)."""
+    crops = nuclei_of(out["instances"].to("cpu"))
     if score_threshold > 0 and len(crops):
         crops = crops.select(np.flatnonzero(crops.scores >= score_threshold))
     return crops
+
+
+def disjoint_tiles(results: Iterator[TileResult], grid: TileGrid) -> Iterator[TileResult]:
+    """``results`` (tiles of ``grid`` in grid order) with overlapping nuclei resolved once, for every output
+    (:class:`~nuclei_d2.inference.stitching.PixelClaims`): what the writers receive."""
+    claims = PixelClaims(grid)
+    for r in results:
+        yield TileResult(r.tile, claims.resolve(r.crops, r.tile), r.image)
 
 
 class Predictor(NucleiPredictor):
@@ -151,13 +153,14 @@ class Predictor(NucleiPredictor):
     # ---- the model on a batch of tiles -----------------------------------------------------------------------------
     @torch.no_grad()
     def _model_tile_fn(self, tiles: Sequence[np.ndarray]) -> list[CropMasks]:
-        from .test_time import _supports_soft_masks, _unwrap, rcnn_soft_crops
+        from ..layers.wrappers import unwrap_model
+        from .test_time import _supports_soft_masks, rcnn_soft_crops
 
         inputs = []
         for t in tiles:
             h, w = t.shape[:2]
             inputs.append(self.mapper({"image": t, "height": h, "width": w}))
-        model = _unwrap(self.model)
+        model = unwrap_model(self.model)
         if _supports_soft_masks(model):
             # R-CNN: paste the mask probabilities into their boxes only (no N x H x W full-size masks).
             raws = model.inference(inputs, do_postprocess=False)
@@ -179,11 +182,19 @@ class Predictor(NucleiPredictor):
         """Predict ``source`` tile by tile and yield each tile's final nuclei (image frame of ``level``).
 
         Memory: ``batch_size`` tiles and their predictions at a time. Tiles whose window holds no tissue (``tissue``:
-        a boolean mask of the level-0 image at ``tissue_downsample``) are skipped.
+        a boolean mask of the level-0 image at ``tissue_downsample``) are skipped. Nuclei share no pixel
+        (:func:`disjoint_tiles`).
         """
         if isinstance(source, np.ndarray):
             source = ArraySource(source)
         level = source.check_level(level)
+        height, width = source.level_dims[level]
+        yield from disjoint_tiles(self._owned_tiles(source, level, tissue, tissue_downsample, desc),
+                                  self.grid(height, width))
+
+    def _owned_tiles(self, source: ImageSource, level: int, tissue: np.ndarray | None, tissue_downsample: float,
+                     desc: str) -> Iterator[TileResult]:
+        """The tiles' nuclei kept by the ownership rule, before overlaps are resolved."""
         height, width = source.level_dims[level]
         grid = self.grid(height, width)
         tiles = list(grid)
@@ -215,7 +226,7 @@ class Predictor(NucleiPredictor):
         decreasing score. Holds every nucleus in memory (crops only); stream :meth:`iter_tiles` for whole slides."""
         source = ArraySource(image) if isinstance(image, np.ndarray) else image
         size = source.level_dims[source.check_level(level)]
-        out = concat_crops([r.crops for r in self.iter_tiles(source, level)], size)
+        out = CropMasks.cat([r.crops for r in self.iter_tiles(source, level)], size)
         if self.dedupe_iou > 0:
             out = remove_duplicates(out, self.dedupe_iou)
         return out.select(np.argsort(-out.scores, kind="stable"))

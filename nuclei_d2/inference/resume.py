@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..structures import CropMasks
 from ..utils.io import atomic_write, write_json_atomic
-from .merge import CropMasks
 
 __all__ = ["PARTIAL_SUFFIX", "TileStore", "partial_dir"]
 

@@ -47,7 +47,7 @@ from .outputs import (
     OverlayWriter,
     make_records,
 )
-from .predictor import Predictor, TileResult, _has_tissue
+from .predictor import Predictor, TileResult, _has_tissue, disjoint_tiles
 from .resume import TileStore, partial_dir
 from .slide import TIFF_SUFFIXES, ImageSource, NoTissueError, open_image, tissue_mask
 from .stitching import Tile, owned_selection
@@ -477,8 +477,9 @@ def predict_file(predictor: Predictor, path: str | os.PathLike, output_dir: str 
             if store is None:
                 results = predictor.iter_tiles(src, level, tissue, tissue_ds, desc=path.name)
             else:
-                results = _resumable_tiles(predictor, src, level, tiles, store, measure or overlay is not None,
-                                           path.name)
+                results = disjoint_tiles(_resumable_tiles(predictor, src, level, tiles, store,
+                                                          measure or overlay is not None, path.name),
+                                         predictor.grid(height, width))
             for res in results:
                 n_tiles += 1
                 if overlay is not None:

@@ -20,6 +20,11 @@ whole. So **every nucleus no larger than ``overlap - 2`` px (box side) appears e
 objects may be dropped. With a real model the two tiles' predictions of a nucleus can differ by a pixel, moving its
 anchor across the split; near-duplicates are then possible but rare (they need the anchor within a pixel of the
 split), and the optional IoU pass :func:`remove_duplicates` removes them for in-memory results.
+
+Overlapping nuclei share no pixel in what a prediction run writes (:data:`nuclei_d2.structures.OVERLAP_RULE`):
+:class:`PixelClaims` resolves each tile's kept nuclei by score and gives pixels that two tiles' nuclei both cover to
+the nucleus of the tile visited first (row by row), whose outputs are already written. The label map, GeoJSON, CSV
+and COCO results of a run therefore describe the same pixels nucleus by nucleus.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..layers.tiling import tile_positions
-from .merge import CropMasks, mask_ious
+from ..structures import CropMasks
+from .merge import mask_ious
 
-__all__ = ["Tile", "TileGrid", "concat_crops", "crops_from_label_map", "owned_selection", "remove_duplicates",
-           "shift_crops", "stitch"]
+__all__ = ["PixelClaims", "Tile", "TileGrid", "owned_selection", "remove_duplicates", "shift_crops", "stitch"]
 
 
 @dataclass(frozen=True)
@@ -80,26 +85,6 @@ class TileGrid:
 
     def __iter__(self):
         return iter(self.tiles)
-
-
-def crops_from_label_map(label: np.ndarray, scores: np.ndarray | None = None,
-                         classes: np.ndarray | None = None) -> CropMasks:
-    """:class:`CropMasks` of an instance label map (nuclei in increasing label order), without full-size masks."""
-    from scipy import ndimage
-
-    from ..structures import relabel_sequential
-
-    seq = relabel_sequential(np.asarray(label))
-    boxes, crops = [], []
-    for idx, sl in enumerate(ndimage.find_objects(seq)):
-        if sl is None:  # cannot happen after relabel_sequential, kept for safety
-            continue
-        crops.append((seq[sl] == idx + 1).astype(np.float32))
-        boxes.append((sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
-    n = len(boxes)
-    return CropMasks(seq.shape, np.asarray(boxes, np.int64).reshape(-1, 4), crops,
-                     np.ones(n, np.float32) if scores is None else np.asarray(scores, np.float32)[:n],
-                     np.zeros(n, np.int64) if classes is None else np.asarray(classes, np.int64)[:n])
 
 
 def _tight(crops: CropMasks, threshold: float) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -152,15 +137,6 @@ def shift_crops(crops: CropMasks, top: int, left: int, image_size: tuple[int, in
     return CropMasks(image_size, boxes, list(crops.masks), crops.scores, crops.classes)
 
 
-def concat_crops(parts: list[CropMasks], image_size: tuple[int, int]) -> CropMasks:
-    """All instances of ``parts`` (same image frame) in one :class:`CropMasks`."""
-    boxes = [p.boxes for p in parts if len(p)]
-    return CropMasks(image_size, np.concatenate(boxes) if boxes else np.zeros((0, 4), np.int64),
-                     [m for p in parts for m in p.masks],
-                     np.concatenate([p.scores for p in parts]) if parts else np.zeros(0, np.float32),
-                     np.concatenate([p.classes for p in parts]) if parts else np.zeros(0, np.int64))
-
-
 def remove_duplicates(crops: CropMasks, iou_threshold: float = 0.5) -> CropMasks:
     """Drop every instance whose mask IoU with a higher-scoring one is at least ``iou_threshold`` (mask NMS)."""
     if len(crops) < 2:
@@ -183,5 +159,42 @@ def stitch(tile_crops: list[tuple[Tile, CropMasks]], image_size: tuple[int, int]
     """Stitch per-tile predictions (each in its tile's frame) into the image's nuclei by the ownership rule,
     optionally followed by :func:`remove_duplicates` at ``dedupe_iou``."""
     kept = [owned_selection(c, t, image_size, threshold) for t, c in tile_crops]
-    out = concat_crops(kept, image_size)
+    out = CropMasks.cat(kept, image_size)
     return remove_duplicates(out, dedupe_iou) if dedupe_iou else out
+
+
+class PixelClaims:
+    """Makes the nuclei of a stream of tiles (visited in grid order, row by row) share no pixel.
+
+    :meth:`resolve` applies :data:`nuclei_d2.structures.OVERLAP_RULE` within the tile and removes the pixels already
+    given to a nucleus of an earlier tile. It remembers only the nuclei that a later tile's window can still reach
+    (those reaching below the next tile row's top or right of the next tile's left), so memory follows one band of
+    tile overlaps, not the slide.
+    """
+
+    def __init__(self, grid: TileGrid, threshold: float = 0.5):
+        self.threshold = float(threshold)
+        self.size = (grid.height, grid.width)
+        self._tops = sorted({t.top for t in grid})
+        self._lefts = sorted({t.left for t in grid})
+        self._held: list[CropMasks] = []
+
+    def _next(self, values: list[int], v: int) -> int | None:
+        k = np.searchsorted(values, v, side="right")
+        return int(values[k]) if k < len(values) else None
+
+    def resolve(self, crops: CropMasks, tile: Tile) -> CropMasks:
+        """The tile's kept nuclei (image frame) without pixels claimed by a higher-scoring nucleus of the tile or by
+        a nucleus of an earlier tile; nuclei left without pixels are dropped."""
+        self._held = [c for c in self._held if len(c) and int(c.boxes[:, 3].max()) > tile.top]
+        claimed = CropMasks.cat(self._held, self.size) if self._held else None
+        out = crops.disjoint(self.threshold, claimed)
+        next_top, next_left = self._next(self._tops, tile.top), self._next(self._lefts, tile.left)
+        reach = np.zeros(len(out), bool)
+        if next_top is not None:
+            reach |= out.boxes[:, 3] > next_top
+        if next_left is not None:
+            reach |= out.boxes[:, 2] > next_left
+        if reach.any():
+            self._held.append(out.select(np.flatnonzero(reach)))
+        return out

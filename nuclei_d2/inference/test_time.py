@@ -20,10 +20,11 @@ nuclei, as for R-CNNs) works for dense models too; which is better depends on th
 (measured in docs/time_to_accuracy.md). In "probs" mode members must all be dense with the same maps
 (``prob_names``).
 
-It works with any model returning ``pred_masks``. For R-CNN models (``GeneralizedRCNN`` and subclasses, e.g.
-Mask R-CNN+) the *soft* masks are merged (``TEST.MERGE.SOFT_MASKS``): the mask head's probabilities are pasted into
-each box exactly as Detectron2 pastes them (``_do_paste_mask``), but kept as probabilities and as crops, instead of
-full-size boolean masks.
+It works with any model returning ``Instances`` (nuclei-d2's ``pred_nuclei`` crops, or ``pred_masks``); its own
+output is :class:`~nuclei_d2.structures.NucleiInstances` (full-size ``pred_masks`` only when read). For R-CNN models
+(``GeneralizedRCNN`` and subclasses, e.g. Mask R-CNN+) the *soft* masks are merged (``TEST.MERGE.SOFT_MASKS``): the
+mask head's probabilities are pasted into each box exactly as Detectron2 pastes them (``_do_paste_mask``), but kept as
+probabilities and as crops, instead of full-size boolean masks.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.wrappers import unwrap_model
+from ..structures import CropMasks, nuclei_of
 from .ensemble import EnsembleMember, load_ensemble_members, select_channels
-from .merge import CropMasks, merge_instances
+from .merge import merge_instances
 from .tta import TTATransform, parse_tta_transforms, tta_input
 
 __all__ = ["MERGE_MODES", "TestTimeWrapper", "build_test_time_wrapper", "dense_prob_names", "predict_crops",
@@ -53,15 +56,11 @@ MERGE_MODES = ("auto", "probs", "instances")
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def dense_prob_names(model: nn.Module) -> tuple[str, ...] | None:
     """The probability maps a dense model predicts (``prob_names``), or None for a model that only gives nuclei."""
     from ..modeling.dense_base import DenseSegmentor
 
-    m = _unwrap(model)
+    m = unwrap_model(model)
     return tuple(m.prob_names) if isinstance(m, DenseSegmentor) else None
 
 
@@ -112,10 +111,10 @@ def rcnn_soft_crops(raw: Any, height: int, width: int) -> CropMasks:
 def predict_crops(model: nn.Module, inp: dict[str, Any], soft_masks: bool = True) -> CropMasks:
     """Predictions of ``model`` on one mapped input as :class:`CropMasks`, at the input's ``height x width``.
 
-    Soft masks for R-CNN models when ``soft_masks`` (see :func:`rcnn_soft_crops`), else the model's boolean
-    ``pred_masks``.
+    Soft masks for R-CNN models when ``soft_masks`` (see :func:`rcnn_soft_crops`), else the model's nuclei
+    (:func:`nuclei_of`: a dense model's crops as they are, never full-size masks).
     """
-    m = _unwrap(model)
+    m = unwrap_model(model)
     h, w = inp["image"].shape[-2:]
     height, width = int(inp.get("height", h)), int(inp.get("width", w))
     if soft_masks and _supports_soft_masks(m):
@@ -124,7 +123,7 @@ def predict_crops(model: nn.Module, inp: dict[str, Any], soft_masks: bool = True
     out = model([inp])[0]
     if "instances" not in out:
         raise KeyError(f"{inp.get('file_name', 'input')}: model output has no 'instances' (keys: {sorted(out)})")
-    return CropMasks.from_instances(out["instances"].to("cpu"))
+    return nuclei_of(out["instances"].to("cpu"))
 
 
 class TestTimeWrapper(nn.Module):
@@ -183,7 +182,7 @@ class TestTimeWrapper(nn.Module):
         if all(n is not None for n in names) and len(set(names)) == 1:
             return "probs"
         if merge == "probs":
-            what = ", ".join(f"{type(_unwrap(m)).__name__} ({'maps ' + str(list(n)) if n else 'not dense'})"
+            what = ", ".join(f"{type(unwrap_model(m)).__name__} ({'maps ' + str(list(n)) if n else 'not dense'})"
                              for m, n in zip(self.models, names))
             raise ValueError("TEST.MERGE.MODE 'probs' averages probability maps, so every member must be a dense "
                              f"model (U-Net, BRP-Net) predicting the same maps; the members are: {what}. Use "
@@ -219,7 +218,7 @@ class TestTimeWrapper(nn.Module):
         height, width = int(inp.get("height", h)), int(inp.get("width", w))
         total: torch.Tensor | None = None
         for model, channels in zip(self.models, self.channels):
-            m = _unwrap(model)
+            m = unwrap_model(model)
             for t in self.transforms:
                 copy = select_channels(tta_input(inp, t, self.extra_channels, self.input_format), channels)
                 size = t.output_size(height, width)
@@ -237,15 +236,18 @@ class TestTimeWrapper(nn.Module):
     @property
     def dense_model(self) -> nn.Module:
         """The model whose post-processing turns the averaged maps into nuclei (the first member)."""
-        return _unwrap(self.models[0])
+        return unwrap_model(self.models[0])
 
     def output_image(self, inp: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
         """The first member's input channels of ``inp`` at ``size``, for its post-processing."""
         return self.dense_model.output_image(select_channels(inp, self.channels[0]), size)
 
-    def _dense_result(self, inp: dict[str, Any]) -> dict[str, Any]:
-        probs = self.mean_probs(inp)
+    def output_from_probs(self, probs: torch.Tensor, inp: dict[str, Any]) -> dict[str, Any]:
+        """``inp``'s output from its averaged maps (:meth:`mean_probs`), post-processed by the first member."""
         return self.dense_model.dense_output(probs, self.output_image(inp, probs.shape[-2:]))
+
+    def _dense_result(self, inp: dict[str, Any]) -> dict[str, Any]:
+        return self.output_from_probs(self.mean_probs(inp), inp)
 
     @torch.no_grad()
     def forward(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -275,7 +277,7 @@ def build_test_time_wrapper(cfg: Any, model: nn.Module) -> nn.Module:
             logger.info("TEST.ENSEMBLE.WEIGHTS: %s is MODEL.WEIGHTS (the evaluated model): not loaded twice", w)
             continue
         extra.append(w)
-    members: list[nn.Module | EnsembleMember] = [EnsembleMember(_unwrap(model), None, "main")]
+    members: list[nn.Module | EnsembleMember] = [EnsembleMember(unwrap_model(model), None, "main")]
     members += load_ensemble_members(cfg, extra, list(cfg.TEST.ENSEMBLE.CONFIGS))
     transforms = parse_tta_transforms(list(cfg.TEST.AUG.TRANSFORMS), float(cfg.TEST.AUG.HUE_DELTA)) if tta_on \
         else parse_tta_transforms(["identity"])

@@ -4,7 +4,7 @@ Mask R-CNN+ (Bancher et al., MICCAI COMPAY 2021) predicts each image four times 
 flipped vertically and with a shifted hue -- maps every prediction back to the original frame and merges the nuclei
 (:mod:`nuclei_d2.inference.merge`). H&E sections have no preferred orientation, so the rotations of the dihedral group
 are offered too. Everything here is method-agnostic: the input is a mapped dataset dict (``image`` ``C x H x W``,
-0-255, RGB + extra channels) and the predictions are :class:`~nuclei_d2.inference.merge.CropMasks`, whatever model
+0-255, RGB + extra channels) and the predictions are :class:`~nuclei_d2.structures.CropMasks`, whatever model
 made them.
 
 Transform names (``TEST.AUG.TRANSFORMS``): ``identity``, ``hflip``, ``vflip``, ``rot90``, ``rot180``, ``rot270``
@@ -30,7 +30,7 @@ import torch
 from fvcore.transforms.transform import HFlipTransform, Transform, VFlipTransform
 
 from ..data.augment import HueTransform, Rot90Transform
-from .merge import CropMasks
+from ..structures import CropMasks
 
 __all__ = ["GT_KEYS", "TTATransform", "parse_tta_transforms", "tta_input"]
 

@@ -120,10 +120,9 @@ class ClassicalWatershed(nn.Module):
     """``MODEL.META_ARCHITECTURE: ClassicalWatershed``: the no-training baseline as a model (module docstring)."""
 
     @configurable
-    def __init__(self, *, params: ClassicalParams, max_mask_gb: float = 8.0):
+    def __init__(self, *, params: ClassicalParams):
         super().__init__()
         self.params = params
-        self.max_mask_gb = float(max_mask_gb)
         # No parameters; a buffer so that ``.to(device)`` and ``model.device`` work like for the other models.
         self.register_buffer("_device_tracker", torch.zeros(0), False)
 
@@ -132,7 +131,7 @@ class ClassicalWatershed(nn.Module):
         if len(cfg.INPUT.EXTRA_CHANNELS):
             raise ValueError("ClassicalWatershed works on RGB only; set INPUT.EXTRA_CHANNELS [] (now "
                              f"{list(cfg.INPUT.EXTRA_CHANNELS)})")
-        return {"params": ClassicalParams.from_config(cfg), "max_mask_gb": float(cfg.MODEL.DENSE.MAX_MASK_GB)}
+        return {"params": ClassicalParams.from_config(cfg)}
 
     @property
     def device(self) -> torch.device:
@@ -172,11 +171,6 @@ class ClassicalWatershed(nn.Module):
                 present = label_values(label)
                 scores = scores[present - 1]
                 label = relabel_sequential(label)
-            need = float(label.max()) * label.size / 2**30
-            if need > self.max_mask_gb:
-                raise MemoryError(f"{int(label.max())} nuclei on a {label.shape[0]}x{label.shape[1]} image need "
-                                  f"{need:.1f} GiB of pred_masks (limit MODEL.DENSE.MAX_MASK_GB {self.max_mask_gb:g}); "
-                                  "call classical_watershed() on the array for images this large")
             results.append({"instances": label_map_to_instances(label, scores),
                             "label_map": torch.from_numpy(label)})
         return results

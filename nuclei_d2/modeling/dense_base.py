@@ -6,8 +6,11 @@ tiles of :func:`nuclei_d2.layers.tiling.tile_predict` when the image is larger t
 resizes the probability maps back to the input's ``height`` x ``width``, post-processes them with a plain function of
 :mod:`nuclei_d2.postprocess`, and returns the project's model contract::
 
-    [{"instances": Instances(pred_masks, pred_boxes, scores, pred_classes),
+    [{"instances": NucleiInstances(pred_nuclei, pred_boxes, scores, pred_classes),
       "label_map": H x W int32 tensor (the same nuclei, 1..N in instance order), "probs": K x H x W tensor}, ...]
+
+``pred_nuclei`` (:class:`nuclei_d2.structures.CropMasks`) are the nuclei as crops; full-size ``pred_masks`` are built
+only if Detectron2 code reads them (COCOEvaluator), so any number of nuclei fits.
 
 A method subclasses it and provides four things: the networks, :meth:`DenseSegmentor.dense_probs` (normalised
 ``B x C x h x w`` input -> ``B x K x h x w`` probabilities), :meth:`DenseSegmentor.dense_losses` and
@@ -49,7 +52,7 @@ def dense_base_kwargs(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"MODEL.PIXEL_MEAN / PIXEL_STD have {len(mean)} / {len(std)} entries but the input has "
                          f"{expected} channels (RGB + INPUT.EXTRA_CHANNELS {list(cfg.INPUT.EXTRA_CHANNELS)})")
     return {"pixel_mean": mean, "pixel_std": std, "tiling": TilingParams.from_config(cfg),
-            "return_probs": bool(cfg.MODEL.DENSE.RETURN_PROBS), "max_mask_gb": float(cfg.MODEL.DENSE.MAX_MASK_GB)}
+            "return_probs": bool(cfg.MODEL.DENSE.RETURN_PROBS)}
 
 
 class DenseSegmentor(nn.Module):
@@ -62,14 +65,13 @@ class DenseSegmentor(nn.Module):
     postprocess_keys: tuple[str, ...] = ()
 
     def __init__(self, *, pixel_mean: list[float], pixel_std: list[float], tiling: TilingParams | None = None,
-                 return_probs: bool = True, size_divisibility: int = 1, max_mask_gb: float = 8.0):
+                 return_probs: bool = True, size_divisibility: int = 1):
         """
         Args:
             pixel_mean, pixel_std: per-channel normalisation of the 0-255 input (``MODEL.PIXEL_MEAN/STD``).
             tiling: overlapped-tile inference settings (``MODEL.TILING``); None = always whole images.
             return_probs: also return the probability maps under ``"probs"``.
             size_divisibility: training batches are padded to a multiple of this (the U-Net's ``2 ** depth``).
-            max_mask_gb: refuse to build ``pred_masks`` larger than this (GiB); see :meth:`postprocess_probs`.
         """
         super().__init__()
         if len(pixel_mean) != len(pixel_std):
@@ -81,7 +83,6 @@ class DenseSegmentor(nn.Module):
         self.tiling = tiling if tiling is not None else TilingParams(enabled=False)
         self.return_probs = bool(return_probs)
         self.size_divisibility = int(size_divisibility)
-        self.max_mask_gb = float(max_mask_gb)
 
     # ---- to implement by a method ----------------------------------------------------------------------------------
     @property
@@ -196,20 +197,10 @@ class DenseSegmentor(nn.Module):
     def postprocess_probs(self, probs: torch.Tensor | np.ndarray, image: torch.Tensor | None = None
                           ) -> tuple[Any, np.ndarray]:
         """``(Instances, label map)`` of a ``K x H x W`` probability map (at the output resolution), through
-        :meth:`segment_probs` (``image``: see there).
-
-        Raises:
-            MemoryError: the ``N x H x W`` boolean ``pred_masks`` of the contract would exceed ``max_mask_gb``
-                (e.g. thousands of nuclei in a whole-slide region); use :meth:`predict_probs` and
-                :meth:`postprocess`, which only need label maps, for such images.
-        """
+        :meth:`segment_probs` (``image``: see there). The instances hold the nuclei as crops
+        (:class:`~nuclei_d2.structures.NucleiInstances`), so their memory follows the nuclei, not ``N x H x W``."""
         arr = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
         label, scores = self.segment_probs(arr, image)
-        need = float(label.max()) * label.size / 2**30 if label.size else 0.0
-        if need > self.max_mask_gb:
-            raise MemoryError(f"{int(label.max())} nuclei on a {label.shape[0]}x{label.shape[1]} image need "
-                              f"{need:.1f} GiB of pred_masks (limit MODEL.DENSE.MAX_MASK_GB = {self.max_mask_gb:g}); "
-                              "use model.predict_probs() + model.postprocess() (label maps) for images this large")
         return label_map_to_instances(label, scores), label
 
     def dense_output(self, probs: torch.Tensor, image: torch.Tensor | None = None) -> dict[str, Any]:
@@ -246,8 +237,9 @@ class DenseSegmentor(nn.Module):
 
     @torch.no_grad()
     def inference(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        results = []
-        for inp in batched_inputs:
-            probs = self.output_probs(inp)
-            results.append(self.dense_output(probs, self.output_image(inp, probs.shape[-2:])))
-        return results
+        return [self.output_from_probs(self.output_probs(inp), inp) for inp in batched_inputs]
+
+    def output_from_probs(self, probs: torch.Tensor, inp: dict[str, Any]) -> dict[str, Any]:
+        """The second half of inference: ``inp``'s output from its :meth:`output_probs` (``tools/tune_inference.py``
+        calls it once per grid point on maps it computed once)."""
+        return self.dense_output(probs, self.output_image(inp, probs.shape[-2:]))

@@ -1,0 +1,92 @@
+"""One prediction type (nuclei_d2/structures.py, issue 23): crops between models, evaluator and writers, full-size
+masks only when Detectron2 code reads them, and one overlap rule so every output of a prediction agrees."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+from conftest import tiny_cfg
+
+from nuclei_d2.inference import Predictor, RunOptions, load_geojson, predict_file
+from nuclei_d2.structures import CropMasks, NucleiInstances, label_map_to_instances, nuclei_of
+from nuclei_d2.utils.io import read_image_rgb, read_label_map
+
+
+def _square_nuclei(h: int, w: int, step: int) -> np.ndarray:
+    label = np.zeros((h, w), np.int32)
+    k = 0
+    for y in range(0, h - 4, step):
+        for x in range(0, w - 4, step):
+            k += 1
+            label[y + 1:y + step - 1, x + 1:x + step - 1] = k
+    return label
+
+
+def test_dense_instances_hold_crops_and_build_masks_only_when_read():
+    label = _square_nuclei(1000, 1000, 31)  # ~1,000 nuclei: 1 GB as an N x H x W mask stack
+    inst = label_map_to_instances(label, np.linspace(1, 0.5, label.max()))
+    assert isinstance(inst, NucleiInstances) and len(inst) == label.max()
+    assert "pred_masks" not in inst._fields  # nothing full-size yet
+    assert sum(m.nbytes for m in nuclei_of(inst).masks) < 8 * 2**20
+    np.testing.assert_array_equal(nuclei_of(inst.to("cpu")[inst.scores >= 0]).to_label_map(), label)
+    sub = inst[2:5]  # indexing keeps the crops (and the laziness)
+    assert isinstance(sub, NucleiInstances) and "pred_masks" not in sub._fields and sub.has("pred_masks")
+    masks = sub.pred_masks  # Detectron2 code reading pred_masks gets them, built from the crops
+    assert masks.dtype == torch.bool and masks.shape == (3, 1000, 1000)
+    assert all(torch.equal(masks[i], torch.from_numpy(label == i + 3)) for i in range(3))
+
+
+def test_disjoint_and_label_map_apply_the_same_rule():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((40, 60, 60), bool)
+    for i in range(40):
+        y, x, r = rng.integers(5, 55), rng.integers(5, 55), rng.integers(3, 9)
+        yy, xx = np.ogrid[:60, :60]
+        masks[i] = (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+    scores = rng.choice([0.3, 0.5, 0.9], size=40)  # ties too
+    crops = CropMasks.from_masks(masks, scores)
+    label = crops.to_label_map()
+    flat = crops.disjoint()
+    assert len(flat) < len(crops)  # some nuclei were wholly covered by higher-scoring ones
+    np.testing.assert_array_equal(flat.to_label_map() > 0, label > 0)
+    assert (flat.to_label_map() != 0).sum() == flat.areas().sum()  # no pixel shared any more
+    kept = [i for i in range(len(crops)) if (label == i + 1).any()]
+    np.testing.assert_array_equal(flat.areas(), [(label == i + 1).sum() for i in kept])
+
+
+def test_outputs_of_a_real_overlapping_prediction_agree_nucleus_by_nucleus(tmp_path, shared_data):
+    """A random-init Mask R-CNN on a real MoNuSeg crop (tiled, so nuclei meet across tiles too): its masks overlap,
+    yet the label map, the CSV, the GeoJSON and the COCO results give every nucleus the same pixels."""
+    src = sorted((shared_data / "monuseg2018" / "train" / "images").glob("*.tif"))[0]
+    rgb = np.ascontiguousarray(read_image_rgb(src)[:160, :200])
+    img = tmp_path / "crop.png"
+    from PIL import Image
+
+    Image.fromarray(rgb).save(img)
+    cfg = tiny_cfg("maskrcnn_baseline-tiny.yaml", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.3", "SEED", "3")
+    torch.manual_seed(3)
+    pred = Predictor(cfg, tile_size=128, overlap=48, batch_size=2, progress=False)
+    raw = CropMasks.cat([r.crops for r in pred._owned_tiles(pred_source(rgb), 0, None, 1.0, "t")], (160, 200))
+    assert len(raw) > 5 and raw.areas().sum() > (raw.to_label_map() > 0).sum()  # the raw masks do overlap
+    out = tmp_path / "out"
+    predict_file(pred, img, out, RunOptions(outputs=("labels", "csv", "geojson", "coco"), label_suffix=".png"))
+    label = read_label_map(out / "crop_labels.png")
+    ids, counts = np.unique(label[label > 0], return_counts=True)
+    label_area = dict(zip(ids.tolist(), counts.tolist()))
+    with open(out / "crop_nuclei.csv") as f:
+        csv_area = {int(r["id"]): float(r["area"]) for r in csv.DictReader(f)}
+    geo_area = {int(p["nucleus_id"]): float(p["measurements"]["area"]) for _, p in load_geojson(out / "crop.geojson")}
+    coco = json.loads((out / "crop.coco.json").read_text())
+    coco_area = {i + 1: float(mask_util.area(c["segmentation"])) for i, c in enumerate(coco)}
+    assert len(csv_area) > 5
+    assert label_area == csv_area == geo_area == coco_area
+
+
+def pred_source(rgb: np.ndarray):
+    from nuclei_d2.inference.slide import ArraySource
+
+    return ArraySource(rgb)
