@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 
@@ -129,42 +130,76 @@ def test_train_net_eval_only_and_refusal_to_train(python, tmp_path):
     assert proc.returncode == 2 and "nothing to train" in proc.stderr and "--eval-only" in proc.stderr
 
 
-def test_tuner_finds_the_best_grid_point_and_writes_a_loadable_config(tmp_path):
-    from nuclei_d2.engine.tune_classical import tune_classical, write_tuned_config
+def _synth_tiles(n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(image, ground truth) of the first ``n`` images of ``nuclei_synth_test``, read as the evaluator reads them."""
+    from detectron2.data import DatasetCatalog
 
-    tiles = [make_synthetic_tile(160, s) for s in (0, 1)]
-    grid = {"threshold_scale": (0.5, 1.0, 3.0), "sigma_factor": (0.5,), "min_size": (10, 40)}
-    best, rows = tune_classical([t[0] for t in tiles], [t[1] for t in tiles], grid, progress=False)
+    from nuclei_d2.evaluation.evaluator import load_ground_truth
+    from nuclei_d2.utils.io import read_image_rgb
+
+    return [(read_image_rgb(r["file_name"]), load_ground_truth(r)) for r in DatasetCatalog.get("nuclei_synth_test")[:n]]
+
+
+def test_tuner_finds_the_best_grid_point_and_writes_a_loadable_config(tmp_path):
+    """The classical floor is tuned by tune_inference on its MODEL.CLASSICAL keys (the one grid tuner)."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from nuclei_d2.engine.tune_inference import tune_inference, write_tuned_config
+
+    grid = {"MODEL.CLASSICAL.THRESHOLD_SCALE": ["0.5", "1.0", "3.0"], "MODEL.CLASSICAL.SIGMA_FACTOR": ["0.5"],
+            "MODEL.CLASSICAL.MIN_SIZE": ["10", "40"]}
+    rows = tune_inference(CONFIG, "nuclei_synth_test", grid, opts=["MODEL.DEVICE", "cpu"], max_images=2,
+                          output_dir=str(tmp_path / "grid"))
     assert len(rows) == 6
     assert rows[0]["AJI"] == max(r["AJI"] for r in rows)
     # Every row's score is the mean over the images of the pipeline run with that row's parameters.
-    r = rows[-1]
-    p = ClassicalParams(threshold_scale=r["threshold_scale"], sigma_factor=r["sigma_factor"], min_size=r["min_size"])
-    expected = np.mean([compute_metrics(g, classical_watershed(i, p), hausdorff=False)["AJI"] for i, g in tiles])
-    assert r["AJI"] == pytest.approx(expected)
-    assert best.threshold_scale == rows[0]["threshold_scale"] and best.min_size == rows[0]["min_size"]
+    tiles = _synth_tiles(2)
+    for r in rows:
+        p = ClassicalParams(threshold_scale=float(r["MODEL.CLASSICAL.THRESHOLD_SCALE"]),
+                            sigma_factor=float(r["MODEL.CLASSICAL.SIGMA_FACTOR"]),
+                            min_size=int(r["MODEL.CLASSICAL.MIN_SIZE"]))
+        expected = np.mean([compute_metrics(g, classical_watershed(i, p), hausdorff=False)["AJI"] for i, g in tiles])
+        assert r["AJI"] == pytest.approx(expected, abs=1e-12), r["opts"]
+    best = ClassicalParams.from_config(setup_cfg(CONFIG, ["MODEL.DEVICE", "cpu", *rows[0]["opts"]], eval_only=True))
     assert best.threshold_scale != 3.0  # three times Otsu keeps almost nothing
-    path = write_tuned_config(tmp_path / "tuned.yaml", CONFIG, best, "tuned in a test")
+    path = write_tuned_config(tmp_path / "tuned.yaml", CONFIG, rows[0]["opts"], "tuned in a test")
     cfg = setup_cfg(str(path), ["MODEL.DEVICE", "cpu"], eval_only=True)
     assert ClassicalParams.from_config(cfg) == best
-    with pytest.raises(ValueError, match="no images"):
-        tune_classical([], [], grid, progress=False)
+    DatasetCatalog.register("nuclei_empty_for_tuning", list)
+    MetadataCatalog.get("nuclei_empty_for_tuning").set(thing_classes=["nucleus"])
+    try:
+        with pytest.raises(ValueError, match="no images"):
+            tune_inference(CONFIG, "nuclei_empty_for_tuning", grid, opts=["MODEL.DEVICE", "cpu"],
+                           output_dir=str(tmp_path / "empty"))
+    finally:
+        DatasetCatalog.remove("nuclei_empty_for_tuning")
+        MetadataCatalog.remove("nuclei_empty_for_tuning")
 
 
 def test_tune_tool_rejects_other_architectures_and_unknown_datasets(tmp_path, capsys):
     main = load_tool("tune_classical").main
 
-    assert main(["--config-file", str(CONFIGS / "nb_unet-tiny.yaml"), "--no-progress"]) == 2
+    assert main(["--config-file", str(CONFIGS / "nb_unet-tiny.yaml")]) == 2
     assert "ClassicalWatershed" in capsys.readouterr().err
-    assert main(["--config-file", CONFIG, "--dataset", "no_such_dataset", "--no-progress"]) == 2
+    assert main(["--config-file", CONFIG, "--dataset", "no_such_dataset"]) == 2
     assert "no_such_dataset" in capsys.readouterr().err
 
 
-def test_tune_tool_defaults_are_the_packages_grid():
-    """The tool repeats DEFAULT_GRID so that its --help needs no torch: the two must agree."""
-    from nuclei_d2.engine.tune_classical import DEFAULT_GRID
+def test_tune_tool_runs_tune_inference_on_its_default_grid():
+    """The preset is tune_inference's command line with the classical config and DEFAULT_GRID (overrides kept)."""
+    from nuclei_d2.engine.tune_inference import parse_grid
 
-    assert load_tool("tune_classical").DEFAULT_GRID == DEFAULT_GRID
+    preset, tune = load_tool("tune_classical"), load_tool("tune_inference")
+    args = tune.build_parser().parse_args(preset.tune_inference_args(preset.build_parser().parse_args([])))
+    assert parse_grid(args.grid) == {f"MODEL.CLASSICAL.{k}": [str(v) for v in values]
+                                     for k, values in preset.DEFAULT_GRID.items()}
+    assert len(list(itertools.product(*preset.DEFAULT_GRID.values()))) == 54
+    assert (args.config_file, args.dataset, args.metric, args.opts) == (
+        "configs/classical_watershed.yaml", "kumar_train", "AJI", [])
+    given = preset.build_parser().parse_args(["--min-size", "20", "--max-images", "4", "MODEL.DEVICE", "cpu"])
+    args = tune.build_parser().parse_args(preset.tune_inference_args(given))
+    assert parse_grid(args.grid)["MODEL.CLASSICAL.MIN_SIZE"] == ["20"]
+    assert args.max_images == 4 and args.opts == ["MODEL.DEVICE", "cpu"]
 
 
 def test_tune_tool_end_to_end_on_synthetic_tiles(tmp_path, capsys):
@@ -172,11 +207,20 @@ def test_tune_tool_end_to_end_on_synthetic_tiles(tmp_path, capsys):
 
     out = tmp_path / "tuned.yaml"
     rc = main(["--config-file", CONFIG, "--dataset", "nuclei_synth_test", "--threshold-scale", "0.9", "1.1",
-               "--sigma-factor", "0.5", "--min-size", "20", "--no-progress", "--output", str(out)])
+               "--sigma-factor", "0.5", "--min-size", "20", "--max-images", "2", "--output", str(out),
+               "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "runs")])
     assert rc == 0
     text = out.read_text()
     assert "THRESHOLD_SCALE" in text and "_BASE_" in text
-    assert "best by mean AJI" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best by mean AJI" in printed
+    # The written config is what train_net.py --eval-only evaluates to the best row's score.
+    best_aji = float(text.split("mean AJI ")[1].split()[0])
+    assert load_tool("train_net").main(["--config-file", str(out), "--eval-only", "MODEL.DEVICE", "cpu",
+                                        "DATASETS.TEST", "('nuclei_synth_test__first2',)",
+                                        "OUTPUT_DIR", str(tmp_path / "eval")]) == 0
+    nuclei = json.loads((tmp_path / "eval" / "metrics_final.json").read_text())["nuclei"]
+    assert nuclei["AJI"] == pytest.approx(best_aji, abs=5e-5)
 
 
 @pytest.mark.slow

@@ -169,7 +169,7 @@ def broken_dataset(tmp_path):
 def test_tune_tools_report_missing_images_in_one_line(tool, broken_dataset, tmp_path, capsys):
     from conftest import load_tool
 
-    args = ["--no-progress"] if tool == "tune_classical" else ["--grid", "MODEL.CLASSICAL.MIN_SIZE=5,10"]
+    args = [] if tool == "tune_classical" else ["--grid", "MODEL.CLASSICAL.MIN_SIZE=5,10"]
     args += ["--config-file", str(CONFIGS / "classical_watershed.yaml"), "--dataset", "broken_images_ds",
              "--output", str(tmp_path / "tuned.yaml")]
     assert load_tool(tool).main([*args, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "runs")]) == 2

@@ -52,15 +52,16 @@ def test_checkpoint_is_loaded_for_every_grid_point(tmp_path):
     from detectron2.checkpoint import DetectionCheckpointer
 
     config = str(CONFIGS / "two_stage_unet_stage2-tiny.yaml")
-    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], eval_only=True)
+    no_stage1 = ["MODEL.TWO_STAGE.STAGE1.WEIGHTS", ""]  # the whole model comes from the checkpoint
+    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *no_stage1], eval_only=True)
     DetectionCheckpointer(NucleiTrainer.build_model(cfg), save_dir=str(tmp_path)).save("random")
     rows = tune_inference(config, "nuclei_synth_test", {"MODEL.TWO_STAGE.DILATE": ["0", "1"]},
-                          weights=str(tmp_path / "random.pth"), opts=["MODEL.DEVICE", "cpu"], max_images=1,
-                          output_dir=str(tmp_path / "grid"))
+                          weights=str(tmp_path / "random.pth"), opts=["MODEL.DEVICE", "cpu", *no_stage1],
+                          max_images=1, output_dir=str(tmp_path / "grid"))
     assert len(rows) == 2 and all("MODEL.WEIGHTS" not in r["opts"] for r in rows)
     with pytest.raises(Exception, match="missing.pth"):
         tune_inference(config, "nuclei_synth_test", {"MODEL.TWO_STAGE.DILATE": ["0"]},
-                       weights=str(tmp_path / "missing.pth"), opts=["MODEL.DEVICE", "cpu"], max_images=1,
+                       weights=str(tmp_path / "missing.pth"), opts=["MODEL.DEVICE", "cpu", *no_stage1], max_images=1,
                        output_dir=str(tmp_path / "grid2"))
 
 
@@ -90,15 +91,16 @@ def test_tool_prints_the_table_writes_the_config_and_refuses_bad_input(tmp_path,
 def test_tool_takes_weights_for_a_config_whose_own_weights_do_not_exist(tmp_path, capsys):
     from detectron2.checkpoint import DetectionCheckpointer
 
-    config = str(CONFIGS / "two_stage_unet_stage2-cpu.yaml")  # MODEL.WEIGHTS: ./output/... (not there)
-    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], eval_only=True)
+    config = str(CONFIGS / "two_stage_unet_stage2-cpu.yaml")  # STAGE1.WEIGHTS: ./output/... (not there)
+    no_stage1 = ["MODEL.TWO_STAGE.STAGE1.WEIGHTS", ""]  # the whole model comes from the checkpoint
+    cfg = setup_cfg(config, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *no_stage1], eval_only=True)
     DetectionCheckpointer(NucleiTrainer.build_model(cfg), save_dir=str(tmp_path)).save("random")
     assert main(["--config-file", config, "--dataset", "nuclei_synth_test", "--max-images", "1", "--grid",
                  "MODEL.TWO_STAGE.DILATE=1", "--output", str(tmp_path / "t.yaml"), "MODEL.DEVICE", "cpu"]) == 2
-    assert "MODEL.WEIGHTS" in capsys.readouterr().err
+    assert "STAGE1.WEIGHTS: weights file not found" in capsys.readouterr().err
     assert main(["--config-file", config, "--weights", str(tmp_path / "random.pth"), "--dataset",
                  "nuclei_synth_test", "--max-images", "1", "--grid", "MODEL.TWO_STAGE.DILATE=1", "--output",
-                 str(tmp_path / "t.yaml"), "MODEL.DEVICE", "cpu", "MODEL.TILING.PATCH_SIZE", "128",
+                 str(tmp_path / "t.yaml"), "MODEL.DEVICE", "cpu", *no_stage1, "MODEL.TILING.PATCH_SIZE", "128",
                  "MODEL.TILING.STRIDE", "96", "OUTPUT_DIR", str(tmp_path / "runs")]) == 0
     assert "DILATE: 1.0" in (tmp_path / "t.yaml").read_text()
 
@@ -171,5 +173,36 @@ def test_maps_are_recomputed_when_the_grid_changes_more_than_post_processing(tmp
     voted = setup_cfg(config, ["MODEL.DEVICE", "cpu", "TEST.AUG.ENABLED", "True", "TEST.MERGE.MODE", "instances"],
                       eval_only=True)
     assert not maps_reusable(build_test_time_wrapper(voted, model), ["MODEL.NB.THRESHOLD"])  # votes on nuclei
-    classical = setup_cfg(CLASSICAL, ["MODEL.DEVICE", "cpu"], eval_only=True)
-    assert not maps_reusable(NucleiTrainer.build_model(classical), ["MODEL.CLASSICAL.THRESHOLD_SCALE"])
+    classical = NucleiTrainer.build_model(setup_cfg(CLASSICAL, ["MODEL.DEVICE", "cpu"], eval_only=True))
+    assert maps_reusable(classical, ["MODEL.CLASSICAL.THRESHOLD_SCALE", "MODEL.CLASSICAL.MIN_SIZE"])
+    assert not maps_reusable(classical, ["MODEL.CLASSICAL.THRESHOLD_SCALE", "MODEL.CLASSICAL.SMOOTHING"])  # the maps
+
+
+def test_classical_grid_computes_the_haematoxylin_once_with_the_same_numbers(tmp_path, monkeypatch):
+    """The classical floor's maps (its colour deconvolution) are made once per image for a grid over its
+    post-processing keys, and every row is the same as with full inference at every point."""
+    from nuclei_d2.modeling.classical_watershed import ClassicalWatershed
+
+    calls, original = [0], ClassicalWatershed.hematoxylin_maps
+
+    def counting(self, image):
+        calls[0] += 1
+        return original(self, image)
+
+    monkeypatch.setattr(ClassicalWatershed, "hematoxylin_maps", counting)
+    grid = {"MODEL.CLASSICAL.THRESHOLD_SCALE": ["0.8", "1.2"], "MODEL.CLASSICAL.SIGMA_FACTOR": ["0.25", "0.75"],
+            "MODEL.CLASSICAL.MIN_SIZE": ["10", "60"]}
+    runs = {}
+    for reuse in (True, False):
+        calls[0] = 0
+        rows = tune_inference(CLASSICAL, "nuclei_synth_test", grid, opts=["MODEL.DEVICE", "cpu"], max_images=2,
+                              output_dir=str(tmp_path / f"grid{reuse}"), reuse_maps=reuse)
+        runs[reuse] = (calls[0], rows)
+    assert runs[True][0] == 2 and runs[False][0] == 8 * 2
+    reused, full = runs[True][1], runs[False][1]
+    assert [r["opts"] for r in reused] == [r["opts"] for r in full]  # the same order, so the same best point
+    for a, b in zip(reused, full, strict=True):
+        assert a.keys() == b.keys()
+        numbers = [k for k, v in b.items() if isinstance(v, (int, float))]  # exactly equal (NaN: both NaN)
+        assert {k: a[k] for k in numbers} == pytest.approx({k: b[k] for k in numbers}, rel=0, abs=0, nan_ok=True)
+    assert len({round(r["AJI"], 6) for r in full}) > 1  # the settings do change the result

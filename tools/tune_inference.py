@@ -6,6 +6,8 @@
         MODEL.ROI_HEADS.NMS_THRESH_TEST=0.3,0.4
     python tools/tune_inference.py --config-file configs/nb_unet-cpu.yaml --weights model_final.pth \\
         --grid MODEL.NB.THRESHOLD=0.5,0.7,0.8,0.9 --max-images 4 MODEL.DEVICE cpu
+    python tools/tune_inference.py --config-file configs/classical_watershed.yaml --grid \\
+        MODEL.CLASSICAL.THRESHOLD_SCALE=0.9,1.0,1.1 MODEL.CLASSICAL.MIN_SIZE=30,60 --top 5
 
 The work is done by nuclei_d2.engine.tune_inference; docs/time_to_accuracy.md shows what it found on Kumar.
 """
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reuse-maps", dest="reuse_maps", action="store_false",
                    help="full inference at every grid point, even when only a dense model's post-processing changes")
     p.add_argument("--output", default="", help="tuned config to write (default OUTPUT_DIR/tune_inference/tuned.yaml)")
+    p.add_argument("--top", type=int, default=0, help="rows of the result table to print (0 = all)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="further config overrides KEY VALUE ...")
     return p
 

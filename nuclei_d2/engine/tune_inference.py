@@ -12,12 +12,21 @@ split would report an optimistic number) and writes the best as a config file th
     python tools/train_net.py --config-file output/nb_unet-cpu/tune_inference/tuned.yaml --eval-only \\
         MODEL.WEIGHTS runs/nb/model_final.pth
 
+The classical floor is tuned the same way (``tools/tune_classical.py`` is this run with its default grid)::
+
+    python tools/tune_inference.py --config-file configs/classical_watershed.yaml --dataset kumar_train \
+        --grid MODEL.CLASSICAL.THRESHOLD_SCALE=0.8,0.9,1.0,1.1,1.2,1.3 MODEL.CLASSICAL.SIGMA_FACTOR=0.25,0.5,0.75 \
+        MODEL.CLASSICAL.MIN_SIZE=10,30,60
+
 Each grid point rebuilds the model (its modules read the config when built) and evaluates it, so the cost is points x
 images x seconds per image; ``--max-images`` tunes on the first N images only. When every key of the grid is
-post-processing of a dense model (its ``postprocess_keys``: thresholds, dilations, minimum sizes, BRP-Net's
-refinement settings) and test-time copies, if any, are merged by averaging maps, the probability maps are computed
-once per image and kept in memory (K x H x W float32 per image: 12 MB for three maps of a 1000x1000 tile), and only
-the post-processing runs per point: a 16-tile, 8-copy TTA grid of the NB U-Net costs one TTA pass, not one per point.
+post-processing (the model's ``postprocess_keys``: a dense model's thresholds, dilations, minimum sizes, BRP-Net's
+refinement settings; the classical floor's threshold, marker smoothing, minimum size) and test-time copies, if any,
+are merged by averaging maps, the maps are computed once per image and kept in memory (K x H x W float32 per image:
+12 MB for three maps of a 1000x1000 tile, 8 MB for the classical floor's two haematoxylin maps), and only the
+post-processing runs per point: a 16-tile, 8-copy TTA grid of the NB U-Net costs one TTA pass, not one per point. Such
+a model splits its inference in two: ``output_probs(input)`` (the maps) and ``output_from_probs(maps, input)``.
+The object-level Hausdorff distance (the slowest metric) is not computed unless ``--metric`` asks for it.
 """
 
 from __future__ import annotations
@@ -108,15 +117,15 @@ def _subset(dataset: str, max_images: int) -> str:
 EVALUATOR_PREFIXES = ("TEST.NUCLEI_EVAL.",)
 
 
-class CachedDenseMaps(nn.Module):
-    """A dense model (or a test-time wrapper averaging maps) whose probability maps are computed once per image and
-    reused: each call post-processes the cached maps with ``model``'s own settings. ``cache`` (file name ->
-    ``K x H x W`` maps) is shared between the grid points; ``computed`` counts the images whose maps were made."""
+class CachedMaps(nn.Module):
+    """A model whose maps (``output_probs``: a dense model's probabilities, a test-time wrapper's averaged ones, the
+    classical floor's haematoxylin) are computed once per image and reused: each call post-processes the cached maps
+    with ``model``'s own settings (``output_from_probs``). ``cache`` (file name -> ``K x H x W`` maps) is shared
+    between the grid points; ``computed`` counts the images whose maps were made."""
 
     def __init__(self, model: nn.Module, cache: dict[str, torch.Tensor]):
         super().__init__()
         self.model, self.cache, self.computed = model, cache, 0
-        self.dense = getattr(model, "dense_model", model)
 
     @torch.no_grad()
     def forward(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -126,27 +135,26 @@ class CachedDenseMaps(nn.Module):
             if key not in self.cache:
                 self.cache[key] = self.model.output_probs(inp)
                 self.computed += 1
-            probs = self.cache[key]
-            outs.append(self.dense.dense_output(probs, self.model.output_image(inp, probs.shape[-2:])))
+            outs.append(self.model.output_from_probs(self.cache[key], inp))
         return outs
 
 
 def maps_reusable(model: nn.Module, keys: Sequence[str]) -> bool:
-    """Whether every grid key only changes ``model``'s post-processing (or the evaluator), so its probability maps
-    can be computed once for the whole grid: ``model`` is a dense model, or a test-time wrapper that averages dense
-    maps, and each key is in the dense model's ``postprocess_keys``."""
-    from ..modeling.dense_base import DenseSegmentor
-
-    dense = getattr(model, "dense_model", model)
-    if not isinstance(dense, DenseSegmentor) or getattr(model, "merge_mode", "probs") != "probs":
+    """Whether every grid key only changes ``model``'s post-processing (or the evaluator), so its maps can be
+    computed once for the whole grid: ``model`` splits its inference in ``output_probs`` / ``output_from_probs`` (a
+    dense model, the classical floor, a test-time wrapper averaging dense maps; not one voting on nuclei) and each key
+    is in its ``postprocess_keys`` (a wrapper's: its first member's)."""
+    if not (hasattr(model, "output_probs") and hasattr(model, "output_from_probs")):
         return False
-    allowed = set(dense.postprocess_keys)
+    if getattr(model, "merge_mode", "probs") != "probs":
+        return False
+    allowed = set(getattr(getattr(model, "dense_model", model), "postprocess_keys", ()))
     return all(k in allowed or k.startswith(EVALUATOR_PREFIXES) for k in keys)
 
 
 def _evaluate(cfg: Any, model: nn.Module) -> dict[str, Any]:
     """:meth:`NucleiTrainer.test` on the first test dataset for a model already wrapped for test time (or inside a
-    :class:`CachedDenseMaps`), so the wrapper is built once per point."""
+    :class:`CachedMaps`), so the wrapper is built once per point."""
     from detectron2.evaluation import inference_on_dataset
 
     from ..utils.io import write_json_atomic
@@ -173,8 +181,8 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
         weights: checkpoint to evaluate ("" = the config's MODEL.WEIGHTS).
         output_dir: each point's metrics_final.json goes to ``output_dir/<point number>`` (default
             ``OUTPUT_DIR/tune_inference``).
-        reuse_maps: compute a dense model's probability maps once when the grid only changes its post-processing
-            (see the module docstring); False = full inference at every point.
+        reuse_maps: compute the model's maps once when the grid only changes its post-processing (see the module
+            docstring); False = full inference at every point.
 
     Each row holds the grid values (strings), every nuclei metric of the evaluation, and ``"opts"``: the overrides
     that reproduce it.
@@ -182,7 +190,10 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
     Raises:
         ConfigError: a key that does not exist, a value it cannot take, an unregistered dataset.
         KeyError: ``metric`` is not one the evaluator reports.
+        ValueError: the dataset has no images.
     """
+    from detectron2.data import DatasetCatalog
+
     from ..checkpoint import NucleiCheckpointer
     from ..inference.test_time import build_test_time_wrapper
     from .defaults import check_datasets, setup_cfg
@@ -190,9 +201,13 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
 
     check_datasets([dataset], "--dataset")
     name = _subset(dataset, max_images)
+    if not DatasetCatalog.get(name):
+        raise ValueError(f"dataset {dataset!r} has no images to tune on")
     keys = list(grid)
     points = list(itertools.product(*(grid[k] for k in keys)))
     base_opts = [*opts, "DATASETS.TEST", repr((name,)), "TEST.EVALUATORS", '["nuclei"]']
+    if "hausdorff" not in metric.lower():  # the slowest metric, and not what is tuned
+        base_opts += ["TEST.NUCLEI_EVAL.HAUSDORFF", "False"]
     if weights:
         base_opts += ["MODEL.WEIGHTS", weights]
     rows = []
@@ -208,9 +223,9 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
         NucleiCheckpointer.from_config(model, cfg, config_file=config_file).load(cfg.MODEL.WEIGHTS)
         wrapped = build_test_time_wrapper(cfg, model)  # TEST.AUG / TEST.ENSEMBLE, as NucleiTrainer.test does
         if reuse_maps and len(points) > 1 and maps_reusable(wrapped, keys):
-            cached = CachedDenseMaps(wrapped, cache)
+            cached = CachedMaps(wrapped, cache)
             nuclei = _evaluate(cfg, cached)["nuclei"]
-            logger.info("grid point %d: probability maps of %d image(s) computed, %d reused", i + 1, cached.computed,
+            logger.info("grid point %d: maps of %d image(s) computed, %d reused", i + 1, cached.computed,
                         len(cache) - cached.computed)
         else:
             nuclei = _evaluate(cfg, wrapped)["nuclei"]
@@ -237,6 +252,10 @@ def run(args: argparse.Namespace) -> int:
         grid = parse_grid(args.grid)
         weights = ["MODEL.WEIGHTS", args.weights] if args.weights else []
         cfg = setup_cfg(args.config_file, [*args.opts, *weights], eval_only=True)  # fail early on bad input
+        arch = getattr(args, "meta_architecture", "")  # a preset's grid fits one architecture (tune_classical.py)
+        if arch and cfg.MODEL.META_ARCHITECTURE != arch:
+            raise ConfigError(f"{args.config_file}: MODEL.META_ARCHITECTURE is {cfg.MODEL.META_ARCHITECTURE!r}; "
+                              f"this grid tunes {arch} configs")
         rows = tune_inference(args.config_file, args.dataset, grid, weights=args.weights, opts=args.opts,
                               metric=args.metric, max_images=args.max_images, reuse_maps=args.reuse_maps)
     except (ConfigError, DatasetLoadError, KeyError, ValueError) as e:  # DatasetLoadError: e.g. images moved
@@ -246,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
     n = int(rows[0].get("n_images", 0))
     images = f"{n} image{'s' if n != 1 else ''}"
     print(f"\n{len(rows)} settings on {images} of {args.dataset}, best by mean {args.metric}:")
-    print(tabulate([[r.get(c, "") for c in cols] for r in rows], headers=cols, floatfmt=".3f"))
+    shown = rows[: args.top] if getattr(args, "top", 0) > 0 else rows
+    print(tabulate([[r.get(c, "") for c in cols] for r in shown], headers=cols, floatfmt=".3f"))
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "tune_inference", "tuned.yaml")
     comment = (f"Tuned by tools/tune_inference.py on {args.dataset} ({images}), weights "
                f"{args.weights or cfg.MODEL.WEIGHTS or '(none)'}: mean {args.metric} {rows[0][args.metric]:.4f}")
