@@ -225,10 +225,16 @@ class Predictor(NucleiPredictor):
         """All nuclei of an image (or one level of a slide) as crops in its frame, stitched across tiles, by
         decreasing score. Holds every nucleus in memory (crops only); stream :meth:`iter_tiles` for whole slides."""
         source = ArraySource(image) if isinstance(image, np.ndarray) else image
-        size = source.level_dims[source.check_level(level)]
-        out = CropMasks.cat([r.crops for r in self.iter_tiles(source, level)], size)
+        level = source.check_level(level)
+        size = source.level_dims[level]
         if self.dedupe_iou > 0:
-            out = remove_duplicates(out, self.dedupe_iou)
+            # Near-duplicates from neighbouring tiles are removed by IoU first, while both are whole; resolving the
+            # overlaps first would leave the lower-scoring copy as a sliver instead. All nuclei are in memory here, so
+            # the overlaps are then resolved by score alone (the streaming path also favours the earlier tile).
+            owned = self._owned_tiles(source, level, None, 1.0, "tiles")
+            out = remove_duplicates(CropMasks.cat([r.crops for r in owned], size), self.dedupe_iou).disjoint()
+        else:
+            out = CropMasks.cat([r.crops for r in self.iter_tiles(source, level)], size)
         return out.select(np.argsort(-out.scores, kind="stable"))
 
     def predict_instances(self, image: np.ndarray) -> Instances:
