@@ -100,3 +100,38 @@ def _no_writes_into_clone_output():
     if written:
         pytest.fail(f"this test wrote into the clone's output/ folder (give it tmp_path, e.g. OUTPUT_DIR): "
                     f"{written[:5]}", pytrace=False)
+
+
+def train_batch(cfg, n: int = 2) -> list[dict]:
+    """``n`` mapped training records of ``cfg``'s first training set (records the mapper drops are skipped)."""
+    from detectron2.data import DatasetCatalog
+
+    from nuclei_d2.data.mapper import NucleiDatasetMapper
+
+    mapper = NucleiDatasetMapper(cfg, is_train=True)
+    records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
+    out, i = [], 0
+    while len(out) < n:
+        b = mapper(records[i % len(records)])
+        i += 1
+        if b is not None:
+            out.append(b)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Remove the log handlers a test added (train_net's default_setup, Detectron2's setup_logger run in process): they
+    hold pytest's captured stderr, which is closed after the test, and a later test's log line would then print a
+    "Logging error" traceback into that test's stderr."""
+    import logging
+
+    def loggers():
+        return [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
+                                       if isinstance(v, logging.Logger))]
+
+    before = {id(lg): list(lg.handlers) for lg in loggers()}
+    yield
+    for lg in loggers():
+        for h in [h for h in lg.handlers if h not in before.get(id(lg), [])]:
+            lg.removeHandler(h)

@@ -285,23 +285,7 @@ def test_readme_headline_command_on_a_fresh_clone_is_one_line(python):
         "python tools/train_net.py --config-file configs/distance_unet.yaml"]
 
 
-@pytest.fixture
-def restore_logging():
-    """train_net's default_setup adds log handlers on the (captured, then closed) stderr: remove them afterwards."""
-    import logging
-
-    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
-                                      if isinstance(v, logging.Logger))]
-    before = {id(lg): list(lg.handlers) for lg in loggers}
-    yield
-    for lg in [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
-                                      if isinstance(v, logging.Logger))]:
-        for h in [h for h in lg.handlers if h not in before.get(id(lg), [])]:
-            lg.removeHandler(h)
-
-
-def test_eval_only_refuses_bad_checkpoints_before_writing_metrics(tmp_path, marker, nb_state, capsys,
-                                                                  restore_logging):
+def test_eval_only_refuses_bad_checkpoints_before_writing_metrics(tmp_path, marker, nb_state, capsys):
     """train_net --eval-only (in process: the same main() as the command line) with a wrong-width, a malicious and a
     truncated checkpoint: exit 2, one line naming the file, nothing evaluated or written."""
     wide = save(tmp_path / "wide.pth", model_of(NB, "MODEL.UNET.BASE_CHANNELS", "16").state_dict())
@@ -323,7 +307,7 @@ def test_eval_only_refuses_bad_checkpoints_before_writing_metrics(tmp_path, mark
 
 
 @pytest.mark.slow
-def test_resume_works_with_the_safe_loader(tmp_path, monkeypatch, restore_logging):
+def test_resume_works_with_the_safe_loader(tmp_path, monkeypatch):
     """2 iterations, then --resume to 3: optimizer, scheduler and iteration come back through weights_only."""
     import nuclei_d2.checkpoint as ck
     from nuclei_d2.engine import NucleiTrainer

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, REPO, tiny_cfg
+from conftest import CONFIGS, REPO, tiny_cfg, train_batch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
@@ -29,18 +29,6 @@ from nuclei_d2.modeling.two_stage_unet import TwoStageUNet
 from nuclei_d2.structures import CropMasks
 
 TINY = "maskrcnn_plus-tiny.yaml"
-
-
-def train_batch(cfg, n=2):
-    mapper = NucleiDatasetMapper(cfg, is_train=True)
-    records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
-    out, i = [], 0
-    while len(out) < n:
-        b = mapper(records[i % len(records)])
-        i += 1
-        if b is not None:
-            out.append(b)
-    return out
 
 
 def mapped_test_input(cfg):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CONFIGS, tiny_cfg
+from conftest import CONFIGS, tiny_cfg, train_batch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
@@ -20,18 +20,6 @@ from nuclei_d2.modeling.submodel import freeze, is_frozen
 
 PLUS = "maskrcnn_plus-tiny.yaml"
 TS2 = "two_stage_unet_stage2-tiny.yaml"
-
-
-def train_batch(cfg, n=2):
-    mapper = NucleiDatasetMapper(cfg, is_train=True)
-    records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
-    out, i = [], 0
-    while len(out) < n:
-        b = mapper(records[i % len(records)])
-        i += 1
-        if b is not None:
-            out.append(b)
-    return out
 
 
 @pytest.fixture(scope="module")
