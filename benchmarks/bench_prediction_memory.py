@@ -7,6 +7,10 @@
 * **new**: the model's output holds the nuclei as crops (``nuclei_d2.structures.label_map_to_instances`` ->
   ``NucleiInstances``), and the real ``NucleiEvaluator`` paints the crops into a label map
   (``CropMasks.to_label_map``) before computing the same metrics.
+* **R-CNN rows**: the same nuclei as raw Mask R-CNN outputs (each nucleus's box and its crop resized to a 28x28 mask
+  probability map), post-processed by Detectron2's ``detector_postprocess`` (every mask pasted into the whole image:
+  ``N x H x W``, the path before ``NucleiRCNN``) or by ``nuclei_d2.modeling.rcnn.crop_postprocess`` (pasted into
+  crops), then evaluated by ``NucleiEvaluator``.
 
 The "prediction" is the real MoNuSeg ground-truth tile whose number of nuclei is closest to 1,000 (``../shared/data``
 or ``$NUCLEI_D2_SHARED_DATA``) with every nucleus grown by one pixel (so prediction and ground truth differ), or a
@@ -104,6 +108,26 @@ def _old_instances_to_label_map(inst) -> np.ndarray:
     return out
 
 
+def _raw_rcnn(label: np.ndarray, scores: np.ndarray, size: int = 28):
+    """Raw R-CNN outputs (``inference(do_postprocess=False)``) of the nuclei of ``label``: box + ``size x size``
+    mask probabilities."""
+    import torch
+    import torch.nn.functional as F
+    from detectron2.structures import Boxes, Instances
+
+    from nuclei_d2.structures import CropMasks
+
+    crops = CropMasks.from_label_map(label, scores)
+    masks = torch.stack([F.interpolate(torch.from_numpy(m)[None, None], size=(size, size), mode="bilinear",
+                                       align_corners=False)[0] for m in crops.masks])
+    inst = Instances(label.shape)
+    inst.pred_boxes = Boxes(torch.from_numpy(crops.boxes.astype(np.float32)))
+    inst.scores = torch.from_numpy(crops.scores.copy())
+    inst.pred_classes = torch.from_numpy(crops.classes.copy())
+    inst.pred_masks = masks  # N x 1 x size x size
+    return inst
+
+
 def child(path: str, hausdorff: bool) -> dict:
     import tempfile
 
@@ -124,9 +148,20 @@ def child(path: str, hausdorff: bool) -> dict:
               "label_file": str(gt_file)}
     DatasetCatalog.register("bench_pred_mem", lambda: [record])
     MetadataCatalog.get("bench_pred_mem")
+    raw = _raw_rcnn(pred, scores) if path.startswith("rcnn") else None
     base = _rss_mb()
     t0 = time.perf_counter()
-    if path == "old":
+    if raw is not None:
+        from detectron2.modeling.postprocessing import detector_postprocess
+
+        from nuclei_d2.modeling.rcnn import crop_postprocess
+
+        post = detector_postprocess if path == "rcnn-old" else crop_postprocess
+        out = {"instances": post(raw, *gt.shape)}  # the R-CNN's output
+        ev = NucleiEvaluator("bench_pred_mem", distributed=False, hausdorff=hausdorff)
+        ev.process([{"image_id": "tile", "file_name": record["file_name"]}], [out])
+        metrics = ev.records()[0]
+    elif path == "old":
         inst = _old_label_map_to_instances(pred, scores)  # the dense model's output
         label = _old_instances_to_label_map(inst)  # the evaluator's painting
         metrics = compute_metrics(gt, label, 0.5, hausdorff=hausdorff)
@@ -145,20 +180,20 @@ def child(path: str, hausdorff: bool) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hausdorff", action="store_true", help="also compute the object-level Hausdorff distance")
-    ap.add_argument("--child", choices=["old", "new"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["old", "new", "rcnn-old", "rcnn-new"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.hausdorff)))
         return 0
     rows = []
-    for path in ("old", "new"):
+    for path in ("old", "new", "rcnn-old", "rcnn-new"):
         cmd = [sys.executable, __file__, "--child", path] + (["--hausdorff"] if args.hausdorff else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr)
             return 1
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    old, new = rows
+    old, new, rcnn_old, rcnn_new = rows
     print(f"Evaluating one tile: {old['data']}, {old['nuclei']} predicted nuclei "
           f"(Hausdorff {'on' if args.hausdorff else 'off'})\n")
     print("| path | peak memory above baseline (MB) | time (s) |")
@@ -167,11 +202,20 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.2f} |")
     print(f"| ratio old / new | {old['peak_mb'] / max(new['peak_mb'], 1e-3):.0f}x | "
           f"{old['seconds'] / max(new['seconds'], 1e-6):.1f}x |")
+    for r, name in ((rcnn_old, "R-CNN old: detector_postprocess (full paste) + evaluation"),
+                    (rcnn_new, "R-CNN new: crop_postprocess + evaluation")):
+        print(f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.2f} |")
+    print(f"| R-CNN ratio old / new | {rcnn_old['peak_mb'] / max(rcnn_new['peak_mb'], 1e-3):.0f}x | "
+          f"{rcnn_old['seconds'] / max(rcnn_new['seconds'], 1e-6):.1f}x |")
     same = old["metrics"] == new["metrics"]
+    rcnn_same = rcnn_old["metrics"] == rcnn_new["metrics"]
     print(f"\nmetrics identical: {'yes' if same else 'NO'} {new['metrics']}")
     if not same:
         print(f"old metrics: {old['metrics']}")
-    return 0 if same else 1
+    print(f"R-CNN metrics identical: {'yes' if rcnn_same else 'NO'} {rcnn_new['metrics']}")
+    if not rcnn_same:
+        print(f"R-CNN old metrics: {rcnn_old['metrics']}")
+    return 0 if same and rcnn_same else 1
 
 
 if __name__ == "__main__":

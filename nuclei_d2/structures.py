@@ -572,9 +572,15 @@ class NucleiInstances(Instances):
 
 def nuclei_of(instances: Any) -> CropMasks:
     """The nuclei of predicted ``Instances``: their ``pred_nuclei`` (nuclei-d2 models, no copy) or else their
-    full-size ``pred_masks`` cropped (Detectron2's R-CNN outputs)."""
+    full-size ``pred_masks`` cropped (a plain Detectron2 R-CNN's outputs).
+
+    An instance whose mask has no pixel is no nucleus and is left out (an R-CNN detection whose mask is empty at
+    0.5 stays in the ``Instances``, for box AP, with an all-zero crop).
+    """
     if "pred_nuclei" in instances._fields:
-        return instances._fields["pred_nuclei"]
+        nuclei = instances._fields["pred_nuclei"]
+        empty = nuclei.areas() == 0
+        return nuclei.select(np.flatnonzero(~empty)) if empty.any() else nuclei
     return CropMasks.from_instances(instances)
 
 

@@ -194,7 +194,7 @@ def test_wrong_distance_weights_give_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="DISTANCE_NET.WEIGHTS: file not found: '/no/such.pth'"):
         build_model(build_cfg(str(CONFIGS / TINY), ["MODEL.DEVICE", "cpu", "MODEL.MASKRCNN_PLUS.DISTANCE_NET.WEIGHTS",
                                                     "/no/such.pth"]))
-    with pytest.raises(ValueError, match="describes a 'GeneralizedRCNN'"):
+    with pytest.raises(ValueError, match="describes a 'NucleiRCNN'"):
         build_model(tiny_cfg(TINY, "MODEL.MASKRCNN_PLUS.DISTANCE_NET.CONFIG", str(CONFIGS / "maskrcnn_baseline.yaml")))
 
 

@@ -90,3 +90,61 @@ def pred_source(rgb: np.ndarray):
     from nuclei_d2.inference.slide import ArraySource
 
     return ArraySource(rgb)
+
+
+def test_rcnn_outputs_hold_crops_equal_to_detectron2s_full_paste(monkeypatch, shared_data):
+    """A random-init tiny Mask R-CNN (NucleiRCNN) on a real MoNuSeg crop hands over crops: no N x H x W paste runs
+    during inference, and the pred_masks built from the crops equal Detectron2's own full paste bit for bit, at the
+    input's size and at a larger requested output size (boxes rescaled), boxes at the image border included."""
+    import detectron2.layers.mask_ops as mask_ops
+    import detectron2.modeling.meta_arch.rcnn as d2_rcnn
+    from detectron2.modeling import GeneralizedRCNN, build_model
+
+    src = sorted((shared_data / "monuseg2018" / "train" / "images").glob("*.tif"))[0]
+    rgb = np.ascontiguousarray(read_image_rgb(src)[:160, :200])
+    cfg = tiny_cfg("maskrcnn_baseline-tiny.yaml", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "SEED", "3")
+    torch.manual_seed(3)
+    model = build_model(cfg).eval()
+    assert type(model).__name__ == "NucleiRCNN"
+    image = torch.as_tensor(rgb.transpose(2, 0, 1).copy())
+    inputs = [{"image": image}, {"image": image, "height": 240, "width": 300}]
+
+    def no_full_size(*args, **kwargs):
+        raise AssertionError("an N x H x W mask stack was built during inference")
+
+    with monkeypatch.context() as m:
+        m.setattr(mask_ops, "paste_masks_in_image", no_full_size)
+        m.setattr(d2_rcnn, "detector_postprocess", no_full_size)
+        m.setattr(CropMasks, "full_masks", no_full_size)
+        with torch.no_grad():
+            outs = [o["instances"] for o in model(inputs)]
+    with torch.no_grad():
+        raw = model.inference(inputs, do_postprocess=False)
+    refs = [o["instances"] for o in GeneralizedRCNN._postprocess(raw, inputs, [r.image_size for r in raw])]
+    for inst, ref, (h, w) in zip(outs, refs, [(160, 200), (240, 300)]):
+        assert isinstance(inst, NucleiInstances) and "pred_masks" not in inst._fields
+        assert len(inst) == len(ref) > 100 and inst.image_size == ref.image_size == (h, w)
+        crops = inst.pred_nuclei
+        assert sum(c.nbytes for c in crops.masks) < len(inst) * h * w / 20  # crops, not image-sized masks
+        torch.testing.assert_close(inst.pred_boxes.tensor, ref.pred_boxes.tensor, rtol=0, atol=0)
+        b = ref.pred_boxes.tensor
+        assert ((b[:, 0] == 0) | (b[:, 1] == 0) | (b[:, 2] == w) | (b[:, 3] == h)).sum() > 5  # at the border
+        assert torch.equal(inst.scores, ref.scores) and torch.equal(inst.pred_classes, ref.pred_classes)
+        full = inst.pred_masks  # built lazily, as COCOEvaluator reads it
+        assert full.dtype == ref.pred_masks.dtype == torch.bool and torch.equal(full, ref.pred_masks)
+        ours, theirs = nuclei_of(inst), CropMasks.from_instances(ref)  # the nuclei, empty masks left out, as before
+        np.testing.assert_array_equal(ours.boxes, theirs.boxes)
+        assert all(np.array_equal(a, c) for a, c in zip(ours.masks, theirs.masks)) and len(ours) == len(theirs)
+        np.testing.assert_array_equal(ours.to_label_map(), theirs.to_label_map())
+    # masks empty at 0.5 stay detections (box AP) with an all-zero crop, and pred_masks keep their zero rows
+    from detectron2.modeling.postprocessing import detector_postprocess
+
+    from nuclei_d2.modeling.rcnn import crop_postprocess
+
+    with torch.no_grad():
+        r = model.inference(inputs[1:], do_postprocess=False)[0]  # raw again: detector_postprocess scaled the boxes
+    r.pred_masks[:7] = 0.2
+    inst = crop_postprocess(r, 240, 300)
+    ref = detector_postprocess(r, 240, 300)
+    assert (~ref.pred_masks.flatten(1).any(1)).sum() >= 7 and torch.equal(inst.pred_masks, ref.pred_masks)
+    assert len(nuclei_of(inst)) == len(CropMasks.from_instances(ref)) == len(ref) - 7

@@ -35,7 +35,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,36 +74,13 @@ def _supports_soft_masks(model: nn.Module) -> bool:
 def rcnn_soft_crops(raw: Any, height: int, width: int) -> CropMasks:
     """Soft mask crops from raw R-CNN outputs (``inference(..., do_postprocess=False)``) at ``height x width``.
 
-    Boxes are rescaled from the network input to the output size, clipped and filtered like
-    ``detector_postprocess``; each ``M x M`` mask probability map is pasted into its box with Detectron2's own
-    ``_do_paste_mask`` (same sampling), kept as probabilities in the pasted region.
+    The R-CNNs' own post-processing (:func:`~nuclei_d2.modeling.rcnn.crop_postprocess`: boxes rescaled, clipped and
+    filtered like ``detector_postprocess``, each mask pasted into its box with Detectron2's ``_do_paste_mask``) with
+    the probabilities kept in the pasted region.
     """
-    from detectron2.layers.mask_ops import _do_paste_mask
+    from ..modeling.rcnn import crop_postprocess
 
-    h_in, w_in = raw.image_size
-    n = len(raw)
-    boxes = raw.pred_boxes.tensor.detach().to("cpu", torch.float32).clone() if n else torch.zeros((0, 4))
-    boxes[:, 0::2] *= width / float(w_in)
-    boxes[:, 1::2] *= height / float(h_in)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
-    idx = torch.nonzero(keep).flatten()
-    masks = raw.pred_masks.detach().to("cpu", torch.float32) if n else torch.zeros((0, 1, 1, 1))
-    scores = raw.scores.detach().cpu().numpy() if n else np.zeros(0, np.float32)
-    classes = raw.pred_classes.detach().cpu().numpy() if n else np.zeros(0, np.int64)
-    out_boxes, crops, kept = [], [], []
-    for i in idx.tolist():
-        pasted, (sy, sx) = _do_paste_mask(masks[i:i + 1], boxes[i:i + 1], height, width, skip_empty=True)
-        crop = pasted[0].numpy()
-        if crop.size == 0:
-            continue
-        kept.append(i)
-        x0, y0 = int(sx.start), int(sy.start)
-        out_boxes.append((x0, y0, x0 + crop.shape[1], y0 + crop.shape[0]))
-        crops.append(np.ascontiguousarray(crop, dtype=np.float32))
-    k = np.asarray(kept, dtype=np.int64)
-    return CropMasks((height, width), np.asarray(out_boxes, np.int64).reshape(-1, 4), crops, scores[k], classes[k])
+    return crop_postprocess(raw, height, width, mask_threshold=None).pred_nuclei
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Meta-architectures, heads and backbones, registered in Detectron2's registries on import.
 
+- ``rcnn``: ``NucleiRCNN``, the Mask R-CNN baseline; every R-CNN here hands over its nuclei as crops through it
 - ``maskrcnn_plus``: Mask R-CNN+ (five-channel input; its distance network is the two-stage U-Net's, composed
   through ``submodel``)
 - ``panoptic_fusion`` / ``gcn`` / ``dual_modal_mask_head``: panoptic semantic-fusion Mask R-CNN (Liu et al. 2019)
@@ -15,6 +16,7 @@ from . import (  # noqa: F401  (importing registers)
     gcn,
     maskrcnn_plus,
     panoptic_fusion,
+    rcnn,
 )
 from .build import build_nuclei_model, to_memory_format  # noqa: F401
 from .dense import NucleusBoundaryUNet, TwoStageUNet  # noqa: F401  (also registers build_unet_backbone)

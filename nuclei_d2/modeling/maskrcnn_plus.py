@@ -16,7 +16,8 @@ The paper adds to a standard Mask R-CNN:
 * **knowledge transfer** (pre-training on another dataset, then fine-tuning: two configs);
 * **test-time augmentation** and **ensembling** with instance-level merging (:mod:`nuclei_d2.inference.test_time`).
 
-This module is the model part. :class:`MaskRCNNPlus` is a ``GeneralizedRCNN`` whose ``preprocess_image``
+This module is the model part. :class:`MaskRCNNPlus` is a ``GeneralizedRCNN`` (a
+:class:`~nuclei_d2.modeling.rcnn.NucleiRCNN`: nuclei as crops) whose ``preprocess_image``
 
 1. checks the input has ``3 + len(INPUT.EXTRA_CHANNELS)`` channels (the mapper stacks them after RGB, 0-255);
 2. at inference (and in training with ``TRAIN_ON_PREDICTED_DISTANCE``), replaces the ``distance`` channel by the
@@ -42,12 +43,13 @@ from typing import Any
 import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.proposal_generator import build_proposal_generator
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import ImageList
 from torch import nn
 
+from .rcnn import NucleiRCNN
 from .submodel import SubModel, build_submodel_config, keep_on_load, setup_submodel
 from .two_stage_unet import TwoStageUNet
 
@@ -73,7 +75,7 @@ def build_distance_net(spec: SubModel, device: str = "cpu") -> tuple[TwoStageUNe
 
 
 @META_ARCH_REGISTRY.register()
-class MaskRCNNPlus(GeneralizedRCNN):
+class MaskRCNNPlus(NucleiRCNN):
     """``MODEL.META_ARCHITECTURE: MaskRCNNPlus`` -- see the module docstring."""
 
     @configurable

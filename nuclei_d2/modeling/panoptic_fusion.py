@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, cat
-from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, GeneralizedRCNN, StandardROIHeads
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.mask_head import mask_rcnn_loss
 from detectron2.modeling.roi_heads.roi_heads import select_foreground_proposals
 from detectron2.structures import ImageList, Instances
@@ -36,6 +36,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from .gcn import GCNSemanticHead
+from .rcnn import NucleiRCNN
 
 __all__ = [
     "PanopticFusionRCNN",
@@ -211,12 +212,13 @@ class PanopticFusionROIHeads(StandardROIHeads):
 
 
 @META_ARCH_REGISTRY.register()
-class PanopticFusionRCNN(GeneralizedRCNN):
+class PanopticFusionRCNN(NucleiRCNN):
     """Mask R-CNN + auxiliary GCN semantic branch + semantic feature fusion (Liu et al., IJCAI 2019).
 
     Training losses: Detectron2's RPN/box/mask losses, ``loss_semseg1`` (semantic branch) and ``loss_semseg2``
-    (fused map F_N), each present only when its part is switched on. Inference is GeneralizedRCNN's: the
-    instance branch alone (``[{"instances": Instances}]``), so it costs what the chosen mask head costs.
+    (fused map F_N), each present only when its part is switched on. Inference is :class:`NucleiRCNN`'s: the
+    instance branch alone (``[{"instances": NucleiInstances}]``, nuclei as crops), so it costs what the chosen mask
+    head costs.
     """
 
     @configurable
