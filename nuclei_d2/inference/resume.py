@@ -10,6 +10,7 @@ manifest discards the folder and starts over. The folder is removed once the inp
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -84,12 +85,12 @@ class TileStore:
         shapes = np.array([m.shape for m in masks], np.int64).reshape(-1, 2)
         flat = np.concatenate([m.ravel() for m in masks]) if masks else np.zeros(0, bool)
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, image_size=np.asarray(crops.image_size, np.int64), boxes=crops.boxes,
-                                    scores=crops.scores, classes=crops.classes, shapes=shapes, masks=flat)
-
-        atomic_write(self._path(index), write)
+        # Zipped in memory, then written in one call: a signal arriving inside np.savez would otherwise leave a
+        # ZipFile over a file atomic_write has closed, whose __del__ prints a traceback at exit.
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, image_size=np.asarray(crops.image_size, np.int64), boxes=crops.boxes,
+                            scores=crops.scores, classes=crops.classes, shapes=shapes, masks=flat)
+        atomic_write(self._path(index), lambda tmp: tmp.write_bytes(buffer.getvalue()))
         self.done.add(int(index))
 
     def load(self, index: int) -> CropMasks | None:
