@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +39,7 @@ import numpy as np
 
 from ..structures import annotations_to_label_map
 from ..utils.io import ImageReadError, atomic_write, read_json, read_label_map
+from ..utils.io import check_output_dir as _check_output_dir
 from .metrics import HIGHER_IS_BETTER, METRIC_KEYS, compute_metrics
 from .report import format_summary_table, is_seen, summarize, write_records_csv, write_results_json
 
@@ -462,23 +462,10 @@ def check_output_dir(path: str | Path, file_names: Sequence[str] = ()) -> Path:
 
     Run before any scoring, so a bad ``--output-dir`` costs seconds, not a whole evaluation.
     """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path}: --output-dir is a file, not a folder")
-        for name in file_names:
-            if (path / name).is_dir():
-                raise ValueError(f"{path / name}: is a folder; cannot write the results file {name} there")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"{path}: --output-dir is not writable")
-        return path
-    ancestor = path.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise ValueError(f"{path}: cannot create --output-dir: {ancestor} is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"{path}: cannot create --output-dir: {ancestor} is not writable")
+    path = _check_output_dir(path, "--output-dir", ValueError)
+    for name in file_names:
+        if (path / name).is_dir():
+            raise ValueError(f"{path / name}: is a folder; cannot write the results file {name} there")
     return path
 
 

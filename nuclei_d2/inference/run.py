@@ -30,7 +30,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..utils.io import IMAGE_SUFFIXES, write_json_atomic
+from ..utils.io import IMAGE_SUFFIXES, check_output_dir, write_json_atomic
 from .outputs import (
     CocoResultsWriter,
     CsvWriter,
@@ -124,25 +123,17 @@ def prepare_output_dir(output_dir: str | os.PathLike) -> list[Path]:
     Raises:
         OutputError: one line naming the path: it is a file, lies under a file, or cannot be created or written.
     """
-    out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: the output folder is a file (give a folder for --output)")
+    out = check_output_dir(output_dir, "output folder (--output)", OutputError)
     created, p = [], out
     while not p.exists() and p != p.parent:
         created.append(p)
         p = p.parent
-    if not p.is_dir():
-        raise OutputError(f"{out}: cannot create the output folder: {p} is a file, not a folder")
     created.reverse()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
     except OSError as e:
         _remove_empty(created)
-        what = "create" if not out.is_dir() else "write in"
-        raise OutputError(f"{out}: cannot {what} the output folder ({e.strerror or e})") from e
+        raise OutputError(f"{out}: cannot create the output folder ({e.strerror or e})") from e
     return created
 
 

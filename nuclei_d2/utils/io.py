@@ -256,3 +256,41 @@ def write_label_map(path: str | os.PathLike, label: np.ndarray) -> Path:
             raise ValueError(f"{path}: unsupported label format {suffix!r}; use one of {_LABEL_SUFFIXES}")
 
     return atomic_write(path, _write)
+
+
+# ---- output locations: checked before any work -----------------------------------------------------------------
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (the folder where creating ``path`` starts)."""
+    cand = path
+    while not cand.exists() and cand != cand.parent:
+        cand = cand.parent
+    return cand
+
+
+def probe_writable(folder: Path, target: Path, what: str, error: type[Exception] = ValueError) -> None:
+    """Create and remove a hidden folder in ``folder``: the only test that also works for root, read-only mounts
+    and pseudo file systems (``/proc``), where permission bits say nothing."""
+    try:
+        probe = tempfile.mkdtemp(prefix=".nuclei_d2_probe_", dir=folder)
+    except OSError as e:
+        where = "" if folder == target else f" (in {folder})"
+        raise error(f"{target}: cannot write the {what} there{where}: {e.strerror or e}") from None
+    os.rmdir(probe)
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "output folder",
+                     error: type[Exception] = ValueError) -> Path:
+    """Check, before any work, that the folder ``path`` exists or can be created and accepts new files; raises
+    ``error`` with one line naming the path otherwise. Creates nothing (the tools call it before reading inputs)."""
+    path = Path(os.path.abspath(path))
+    try:
+        base = nearest_existing(path)
+        if not base.is_dir():
+            if base == path:
+                raise error(f"{path}: the {what} is an existing file, not a folder")
+            raise error(f"{path}: cannot create the {what}: {base} is a file, not a folder")
+    except OSError as e:
+        raise error(f"{path}: cannot check the {what}: {e.strerror or e}") from None
+    probe_writable(base, path, what, error)
+    return path

@@ -21,7 +21,6 @@ import datetime
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from ...structures import label_map_to_annotations
-from ...utils.io import IMAGE_SUFFIXES, read_json, write_json_atomic
+from ...utils.io import IMAGE_SUFFIXES, nearest_existing, probe_writable, read_json, write_json_atomic
+from ...utils.io import check_output_dir as _check_output_dir
 
 __all__ = [
     "ConversionError",
@@ -172,25 +172,6 @@ def write_coco(coco: dict[str, Any], out: str | os.PathLike) -> Path:
 
 # ---- output locations: checked before any work -----------------------------------------------------------------
 
-def _nearest_existing(path: Path) -> Path:
-    """``path`` or its closest ancestor that exists (the folder where creating ``path`` starts)."""
-    cand = path
-    while not cand.exists() and cand != cand.parent:
-        cand = cand.parent
-    return cand
-
-
-def _probe_writable(folder: Path, target: Path, what: str) -> None:
-    """Create and remove a hidden folder in ``folder``: the only test that also works for root, read-only mounts
-    and pseudo file systems (``/proc``), where permission bits say nothing."""
-    try:
-        probe = tempfile.mkdtemp(prefix=".nuclei_d2_probe_", dir=folder)
-    except OSError as e:
-        where = "" if folder == target else f" (in {folder})"
-        raise ConversionError(f"{target}: cannot write the {what} there{where}: {e.strerror or e}") from None
-    os.rmdir(probe)
-
-
 def check_output_file(path: str | os.PathLike, what: str = "output", suffix: str | None = ".json") -> Path:
     """Check, before any work, that the file ``path`` can be written (its folder exists or can be created, and
     accepts new files); raises :class:`ConversionError` naming the path otherwise. Creates nothing."""
@@ -200,29 +181,18 @@ def check_output_file(path: str | os.PathLike, what: str = "output", suffix: str
             raise ConversionError(f"{path}: the {what} is an existing folder; give a file name")
         if suffix is not None and path.suffix.lower() != suffix:
             raise ConversionError(f"{path}: the {what} must be a {suffix} file")
-        base = _nearest_existing(path.parent)
+        base = nearest_existing(path.parent)
         if not base.is_dir():
             raise ConversionError(f"{path}: cannot create the {what}: {base} is a file, not a folder")
     except OSError as e:
         raise ConversionError(f"{path}: cannot check the {what} location: {e.strerror or e}") from None
-    _probe_writable(base, path, what)
+    probe_writable(base, path, what, ConversionError)
     return path
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Check, before any work, that the folder ``path`` exists or can be created and accepts new files; raises
-    :class:`ConversionError` naming the path otherwise. Creates nothing."""
-    path = Path(os.path.abspath(path))
-    try:
-        base = _nearest_existing(path)
-        if not base.is_dir():
-            if base == path:
-                raise ConversionError(f"{path}: the {what} is an existing file, not a folder")
-            raise ConversionError(f"{path}: cannot create the {what}: {base} is a file, not a folder")
-    except OSError as e:
-        raise ConversionError(f"{path}: cannot check the {what}: {e.strerror or e}") from None
-    _probe_writable(base, path, what)
-    return path
+    """:func:`nuclei_d2.utils.io.check_output_dir` raising :class:`ConversionError`."""
+    return _check_output_dir(path, what, ConversionError)
 
 
 # ---- images: header, truncation check, full decoding -------------------------------------------------------------
