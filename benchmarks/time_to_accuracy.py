@@ -19,6 +19,10 @@ Writes to ``--output-dir``: ``curve.csv`` (minutes, iteration, AJI, PQ, Dice1, F
 variants), ``curve.png`` (AJI and PQ vs minutes, the classical floor as horizontal lines) and ``summary.json``
 (final numbers, minutes to reach the classical floor's AJI, inference seconds per tile). The classical floor is
 evaluated on the same test set with ``--floor-config`` (default ``configs/classical_watershed.yaml``).
+
+With ``SOLVER.EMA.ENABLED True`` (an average of the weights, nuclei_d2/engine/ema.py) every point also evaluates the
+averaged weights: ``curve_ema.csv`` (same columns as ``curve.csv``, which keeps the raw weights), dashed EMA lines in
+``curve.png``, ``final_ema`` in ``summary.json``, and ``train/model_ema_final.pth`` beside ``train/model_final.pth``.
 """
 
 from __future__ import annotations
@@ -89,6 +93,11 @@ def make_hook(points: list[float], budget: float, prior: float, on_point):
                 self._point()
                 # The model the last point measured, for tuning or predicting (MAX_ITER saves its own).
                 self.trainer.checkpointer.save("model_final", iteration=self.trainer.iter)
+                from nuclei_d2.engine.ema import ema_hook_of
+
+                ema = ema_hook_of(self.trainer)
+                if ema is not None:  # SOLVER.EMA: the averaged weights beside it, model_ema_final.pth
+                    ema.save_final()
                 raise BudgetReached(f"{budget:g} minutes of training reached at iteration {self.trainer.iter + 1}")
             if self.next < len(points) and m >= points[self.next]:
                 while self.next < len(points) and m >= points[self.next]:
@@ -111,7 +120,8 @@ def minutes_to_reach(rows: list[dict], key: str, target: float) -> float | None:
     return None
 
 
-def plot(rows: list[dict], floor: dict | None, path: Path, title: str, ylabel: str, threads: int = 1) -> None:
+def plot(rows: list[dict], floor: dict | None, path: Path, title: str, ylabel: str, threads: int = 1,
+         ema_rows: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,10 +133,13 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str, ylabel: s
         ax.plot(minutes, [r[key] for r in rows], "o-", color=colour, label=key)
         if floor is not None:
             ax.axhline(floor[key], color=colour, ls="--", lw=1, label=f"classical floor {key} {floor[key]:.3f}")
+        if ema_rows:
+            ax.plot([r["minutes"] for r in ema_rows], [r[key] for r in ema_rows], "s-.", color=colour, mfc="none",
+                    label=f"{key} (EMA of the weights)")
     ax.set_xlabel(f"training minutes ({threads} CPU thread{'s' if threads > 1 else ''}, evaluation excluded)")
     ax.set_xlim(left=0)
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, max(0.8, max([r["AJI"] for r in rows] + [0])))
+    ax.set_ylim(0, max(0.8, max([r["AJI"] for r in rows + (ema_rows or [])] + [0])))
     ax.grid(alpha=0.3)
     ax.set_title("\n".join(textwrap.wrap(title, 95)), fontsize=9)  # long override lists wrap, not clip
     ax.legend(fontsize=8, loc="lower right")
@@ -183,26 +196,40 @@ def main(argv: list[str] | None = None) -> int:
                  floor["AJI"], floor["PQ"], floor["Dice1"], floor_s)
 
     rows: list[dict] = []
+    ema_rows: list[dict] = []  # SOLVER.EMA: the averaged weights at the same points
     csv_path = out / "curve.csv"
 
-    def on_point(minutes: float, iteration: int, model) -> None:
+    def add_row(rows: list[dict], path: Path, cfg, minutes: float, iteration: int, model, what: str = "") -> None:
         metrics, seconds, per_tile = evaluate(cfg, model)
         row = {"minutes": round(minutes, 2), "iteration": iteration, **{k: metrics.get(k, float("nan"))
                                                                         for k in COLUMNS[2:-2]},
                "eval_seconds": round(seconds, 1), "inference_s_per_tile": round(per_tile, 2)}
         rows.append(row)
-        tmp = csv_path.with_suffix(".tmp")
+        tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, csv_path)
-        log.info("[%.1f min, iter %d] AJI %.3f PQ %.3f Dice1 %.3f", minutes, iteration, row["AJI"], row["PQ"],
+        os.replace(tmp, path)
+        log.info("[%.1f min, iter %d]%s AJI %.3f PQ %.3f Dice1 %.3f", minutes, iteration, what, row["AJI"], row["PQ"],
                  row["Dice1"])
+
+    def on_point(minutes: float, iteration: int, model) -> None:
+        add_row(rows, csv_path, cfg, minutes, iteration, model)
+        if ema is not None:  # the same model with the average swapped in (and the raw weights put back after)
+            with ema.ema.swapped_into(model):
+                add_row(ema_rows, out / "curve_ema.csv", ema_cfg, minutes, iteration, model, " EMA")
 
     points = [args.prior_minutes + args.eval_every * i
               for i in range(1, int(args.minutes // args.eval_every) + 1)]
     trainer = NucleiTrainer(cfg)
+    from nuclei_d2.engine.ema import ema_hook_of
+
+    ema = ema_hook_of(trainer)
+    ema_cfg = cfg.clone()  # the EMA's evaluation writes under train/ema/, not over the raw weights' files
+    ema_cfg.defrost()
+    ema_cfg.OUTPUT_DIR = str(out / "train" / "ema")
+    ema_cfg.freeze()
     trainer.register_hooks([make_hook(points, args.minutes + args.prior_minutes, args.prior_minutes, on_point)])
     trainer.resume_or_load(resume=False)
     try:
@@ -218,16 +245,23 @@ def main(argv: list[str] | None = None) -> int:
                "minutes_to_floor_AJI": minutes_to_reach(rows, "AJI", floor["AJI"]) if floor else None,
                "minutes_to_floor_PQ": minutes_to_reach(rows, "PQ", floor["PQ"]) if floor else None,
                "threads": torch.get_num_threads()}
+    if ema_rows:
+        summary["final_ema"] = ema_rows[-1]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     opts = " ".join(Path(o).name if "/" in o else o for o in args.opts)  # paths shortened to file names
     prior = f" after {args.prior_minutes:g} min of a prior stage" if args.prior_minutes else ""
     plot(rows, floor, out / "curve.png", f"{Path(args.config_file).name}{prior} {opts}"[:200],
-         f"AJI / PQ on {', '.join(cfg.DATASETS.TEST)}", threads=torch.get_num_threads())
+         f"AJI / PQ on {', '.join(cfg.DATASETS.TEST)}", threads=torch.get_num_threads(), ema_rows=ema_rows)
     from tabulate import tabulate
 
-    print(tabulate([[r[c] for c in ("minutes", "iteration", "AJI", "PQ", "Dice1", "AJI-seen", "AJI-unseen",
-                                    "inference_s_per_tile")] for r in rows],
-                   headers=["min", "iter", "AJI", "PQ", "Dice1", "AJI same", "AJI new", "s/tile"], floatfmt=".3f"))
+    for title, table in (("", rows), ("EMA of the weights (curve_ema.csv):", ema_rows)):
+        if title and table:
+            print(title)
+        if table:
+            print(tabulate([[r[c] for c in ("minutes", "iteration", "AJI", "PQ", "Dice1", "AJI-seen", "AJI-unseen",
+                                            "inference_s_per_tile")] for r in table],
+                           headers=["min", "iter", "AJI", "PQ", "Dice1", "AJI same", "AJI new", "s/tile"],
+                           floatfmt=".3f"))
     if floor:
         print(f"classical floor: AJI {floor['AJI']:.3f} PQ {floor['PQ']:.3f} Dice1 {floor['Dice1']:.3f}; "
               f"minutes to reach its AJI: {summary['minutes_to_floor_AJI']}")

@@ -260,6 +260,17 @@ def _add_solver_config(cfg: CN) -> None:
     # "SGD" (Detectron2's default), "Adam" or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Exponential moving average of the weights (nuclei_d2/engine/ema.py): after every optimizer step
+    # ema = DECAY * ema + (1 - DECAY) * weights, over the parameters and floating-point buffers (BatchNorm statistics).
+    # Checkpoints carry it (--resume continues it); training also writes OUTPUT_DIR/model_ema_final.pth beside
+    # model_final.pth (evaluate it with MODEL.WEIGHTS), and evaluation (TEST.EVAL_PERIOD and after training) runs on
+    # both weights, the EMA's into OUTPUT_DIR/ema/.
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False
+    # In [0, 1): the average spans about 1 / (1 - DECAY) steps (1000 for 0.999).
+    cfg.SOLVER.EMA.DECAY = 0.999
+    # Update n (from 0) uses min(DECAY, (1 + n) / (10 + n)): the initial weights do not dominate a short run's average.
+    cfg.SOLVER.EMA.WARMUP = True
 
 
 def _add_test_config(cfg: CN) -> None:

@@ -308,6 +308,9 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
                               "(and tune its parameters with tools/tune_classical.py)")
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN", prepared=check_data)
         check_schedule(cfg)
+        from .ema import check_ema_config
+
+        check_ema_config(cfg)  # SOLVER.EMA.DECAY, before any process starts
     check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST", prepared=check_data)
     if freeze:
         cfg.freeze()

@@ -153,7 +153,11 @@ class NucleiTrainer(DefaultTrainer):
         staged = build_staged_schedule_hook(self.cfg)
         if staged is not None:
             hooks.insert(1, staged)  # after the iteration timer, before LR scheduling, checkpoints and writers
-        return hooks
+        # SOLVER.EMA: average the weights after each step, before the checkpointer (which saves the average) and
+        # evaluation (which then also runs on the average)
+        from .ema import add_ema_hooks
+
+        return add_ema_hooks(self, hooks)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None) -> OrderedDict[str, Any]:
