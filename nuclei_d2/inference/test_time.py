@@ -18,7 +18,14 @@ by the main model (``segment_probs``), the usual TTA of U-Net pipelines: one pos
 watershed or threshold sees maps in which each copy's noise is averaged out. ``"instances"`` (voting on each copy's
 nuclei, as for R-CNNs) works for dense models too; which is better depends on the model and its post-processing
 (measured in docs/time_to_accuracy.md). In "probs" mode members must all be dense with the same maps
-(``prob_names``).
+(``prob_names``). ``"shared"`` averages maps across *methods*: each map of the first member is averaged with the maps
+of the other members that estimate the same quantity (``DenseSegmentor.map_meanings``: e.g. the NB U-Net's "inside"
+and the two-stage U-Net's eroded "foreground" are both the nucleus interior), its other maps are its own, and the
+first member's post-processing runs on the result.
+
+Each member's predictions are made by :meth:`TestTimeWrapper.member_copy` (nuclei of one copy) and
+:meth:`TestTimeWrapper.member_probs_sum` (a dense member's maps summed over the copies); the merges only combine them,
+so a caller that evaluates many ensembles of the same members (``benchmarks/ensemble.py``) can compute them once.
 
 It works with any model returning ``Instances`` (nuclei-d2's ``pred_nuclei`` crops, or ``pred_masks``); its own
 output is :class:`~nuclei_d2.structures.NucleiInstances` (full-size ``pred_masks`` only when read). For R-CNN models
@@ -45,12 +52,13 @@ from .ensemble import EnsembleMember, load_ensemble_members, select_channels
 from .merge import merge_instances
 from .tta import TTATransform, parse_tta_transforms, tta_input
 
-__all__ = ["MERGE_MODES", "TestTimeWrapper", "build_test_time_wrapper", "dense_prob_names", "predict_crops",
-           "rcnn_soft_crops"]
+__all__ = ["MERGE_MODES", "TestTimeWrapper", "build_test_time_wrapper", "dense_map_meanings", "dense_prob_names",
+           "predict_crops", "rcnn_soft_crops"]
 
-#: ``TEST.MERGE.MODE`` values: "probs" averages dense models' probability maps, "instances" merges nuclei,
-#: "auto" takes "probs" when every member is a dense model with the same maps, else "instances".
-MERGE_MODES = ("auto", "probs", "instances")
+#: ``TEST.MERGE.MODE`` values: "probs" averages dense models' probability maps, "shared" averages the maps dense
+#: models of different methods share by meaning, "instances" merges nuclei, "auto" takes "probs" when every member is
+#: a dense model with the same maps, else "instances".
+MERGE_MODES = ("auto", "probs", "shared", "instances")
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +69,14 @@ def dense_prob_names(model: nn.Module) -> tuple[str, ...] | None:
 
     m = unwrap_model(model)
     return tuple(m.prob_names) if isinstance(m, DenseSegmentor) else None
+
+
+def dense_map_meanings(model: nn.Module) -> tuple[str, ...] | None:
+    """What each of a dense model's maps estimates (``DenseSegmentor.map_meaning_names``), or None if not dense."""
+    from ..modeling.dense_base import DenseSegmentor
+
+    m = unwrap_model(model)
+    return tuple(m.map_meaning_names) if isinstance(m, DenseSegmentor) else None
 
 
 def _supports_soft_masks(model: nn.Module) -> bool:
@@ -122,11 +138,13 @@ class TestTimeWrapper(nn.Module):
             soft_masks: merge the mask probabilities of R-CNN models (else their boolean masks).
             extra_channels: ``INPUT.EXTRA_CHANNELS`` of the inputs (a colour copy recomputes ``hematoxylin``).
             input_format: "RGB" or "BGR" order of the first three channels.
-            merge: "probs" (average dense models' probability maps, post-process once), "instances" (merge nuclei
-                per IoU group) or "auto" ("probs" when every member is dense with the same maps).
+            merge: "probs" (average dense models' probability maps, post-process once), "shared" (average the maps
+                dense members share by meaning, post-process with the first member), "instances" (merge nuclei per IoU
+                group) or "auto" ("probs" when every member is dense with the same maps).
 
         Raises:
-            ValueError: no member, a bad ``min_votes`` or ``merge``, or "probs" with a member that is not dense.
+            ValueError: no member, a bad ``min_votes`` or ``merge``, "probs" or "shared" with a member that is not
+                dense, "probs" with different maps, or "shared" with a member sharing no map with the first.
         """
         super().__init__()
         if not members:
@@ -154,6 +172,8 @@ class TestTimeWrapper(nn.Module):
             raise ValueError(f"TEST.MERGE.MODE must be one of {list(MERGE_MODES)}, got {merge!r}")
         if merge == "instances":
             return merge
+        if merge == "shared":
+            return self._check_shared()
         names = [dense_prob_names(m) for m in self.models]
         if all(n is not None for n in names) and len(set(names)) == 1:
             return "probs"
@@ -165,6 +185,23 @@ class TestTimeWrapper(nn.Module):
                              "'instances' (or 'auto') to merge their nuclei instead")
         return "instances"
 
+    def _check_shared(self) -> str:
+        meanings = [dense_map_meanings(m) for m in self.models]
+        described = [f"{type(unwrap_model(m)).__name__} ({'maps ' + str(list(n)) if n else 'not dense'})"
+                     for m, n in zip(self.models, meanings)]
+        if any(n is None for n in meanings):
+            raise ValueError("TEST.MERGE.MODE 'shared' averages probability maps, so every member must be a dense "
+                             f"model (U-Net, BRP-Net); the members are: {', '.join(described)}. Use 'instances' to "
+                             "merge their nuclei instead")
+        first = set(meanings[0])
+        for i, n in enumerate(meanings[1:], start=1):
+            if not first & set(n):
+                raise ValueError(f"TEST.MERGE.MODE 'shared': member {i + 1}, {described[i]}, predicts no map the first "
+                                 f"member, {described[0]}, has (maps by meaning, DenseSegmentor.map_meanings): it "
+                                 "would change nothing. Use 'instances' to merge their nuclei instead")
+        self.member_meanings = meanings
+        return "shared"
+
     @property
     def num_predictions(self) -> int:
         """Predictions merged per image (members x transforms)."""
@@ -174,37 +211,68 @@ class TestTimeWrapper(nn.Module):
     def device(self) -> torch.device:
         return next(self.models[0].parameters()).device
 
+    @staticmethod
+    def _output_size(inp: dict[str, Any]) -> tuple[int, int]:
+        h, w = inp["image"].shape[-2:]
+        return int(inp.get("height", h)), int(inp.get("width", w))
+
+    def member_copy(self, index: int, t: TTATransform, inp: dict[str, Any]) -> CropMasks:
+        """Member ``index``'s nuclei on the copy ``t`` of ``inp``, in the original frame."""
+        height, width = self._output_size(inp)
+        copy = tta_input(inp, t, self.extra_channels, self.input_format)
+        pred = predict_crops(self.models[index], select_channels(copy, self.channels[index]), self.soft_masks)
+        return t.invert(pred, height, width)
+
     def member_predictions(self, inp: dict[str, Any]) -> list[CropMasks]:
         """Every model's prediction of every transformed copy of ``inp``, in the original frame."""
-        h, w = inp["image"].shape[-2:]
-        height, width = int(inp.get("height", h)), int(inp.get("width", w))
-        preds = []
-        for model, channels in zip(self.models, self.channels):
-            for t in self.transforms:
-                copy = tta_input(inp, t, self.extra_channels, self.input_format)
-                pred = predict_crops(model, select_channels(copy, channels), self.soft_masks)
-                preds.append(t.invert(pred, height, width))
-        return preds
+        return [self.member_copy(i, t, inp) for i in range(len(self.models)) for t in self.transforms]
+
+    @torch.no_grad()
+    def member_map(self, index: int, t: TTATransform, inp: dict[str, Any]) -> torch.Tensor:
+        """Dense member ``index``'s ``K x H x W`` probabilities on the copy ``t`` of ``inp``, in the original frame
+        at its ``height x width``."""
+        height, width = self._output_size(inp)
+        copy = select_channels(tta_input(inp, t, self.extra_channels, self.input_format), self.channels[index])
+        size = t.output_size(height, width)
+        probs = unwrap_model(self.models[index]).predict_probs(copy["image"])
+        if tuple(probs.shape[-2:]) != size:  # the mapper resized the image: maps back to the copy's size
+            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
+        return t.invert_map(probs, height, width)
+
+    @torch.no_grad()
+    def member_probs_sum(self, index: int, inp: dict[str, Any]) -> torch.Tensor:
+        """Dense member ``index``'s probabilities summed over the copies of ``inp`` (a new tensor)."""
+        total: torch.Tensor | None = None
+        for t in self.transforms:
+            probs = self.member_map(index, t, inp)
+            total = probs.clone() if total is None else total.add_(probs)
+        assert total is not None
+        return total
 
     @torch.no_grad()
     def mean_probs(self, inp: dict[str, Any]) -> torch.Tensor:
         """Dense members only: the mean of every model's ``K x H x W`` probabilities on every copy of ``inp``, in
-        the original frame at its ``height x width``."""
-        h, w = inp["image"].shape[-2:]
-        height, width = int(inp.get("height", h)), int(inp.get("width", w))
-        total: torch.Tensor | None = None
-        for model, channels in zip(self.models, self.channels):
-            m = unwrap_model(model)
-            for t in self.transforms:
-                copy = select_channels(tta_input(inp, t, self.extra_channels, self.input_format), channels)
-                size = t.output_size(height, width)
-                probs = m.predict_probs(copy["image"])
-                if tuple(probs.shape[-2:]) != size:  # the mapper resized the image: maps back to the copy's size
-                    probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-                probs = t.invert_map(probs, height, width)
-                total = probs.clone() if total is None else total.add_(probs)
-        assert total is not None
+        the original frame at its ``height x width`` (merge mode "shared": the first member's maps, each averaged
+        with the other members' maps of the same meaning)."""
+        sums = [self.member_probs_sum(i, inp) for i in range(len(self.models))]
+        if self.merge_mode == "shared":
+            return self._shared_mean(sums)
+        total = sums[0].clone()
+        for s in sums[1:]:
+            total.add_(s)
         return total / self.num_predictions
+
+    def _shared_mean(self, sums: list[torch.Tensor]) -> torch.Tensor:
+        first = self.member_meanings[0]
+        out = torch.empty_like(sums[0])
+        for c, meaning in enumerate(first):
+            acc, n = sums[0][c].clone(), 1
+            for s, names in zip(sums[1:], self.member_meanings[1:]):
+                if meaning in names:
+                    acc.add_(s[names.index(meaning)])
+                    n += 1
+            out[c] = acc / (n * len(self.transforms))
+        return out
 
     # The DenseSegmentor interface of the averaged maps (merge mode "probs"): tools/tune_inference.py caches them.
     output_probs = mean_probs
@@ -229,7 +297,7 @@ class TestTimeWrapper(nn.Module):
     def forward(self, batched_inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.training:
             raise RuntimeError("TestTimeWrapper is for inference only: call .eval() first")
-        if self.merge_mode == "probs":
+        if self.merge_mode in ("probs", "shared"):
             return [self._dense_result(inp) for inp in batched_inputs]
         results = []
         for inp in batched_inputs:
@@ -262,9 +330,13 @@ def build_test_time_wrapper(cfg: Any, model: nn.Module) -> nn.Module:
                               mask_threshold=m.MASK_THRESHOLD, soft_masks=m.SOFT_MASKS,
                               extra_channels=list(cfg.INPUT.EXTRA_CHANNELS), input_format=cfg.INPUT.FORMAT,
                               merge=m.MODE)
-    how = ("probability maps averaged, post-processed once" if wrapper.merge_mode == "probs" else
-           f"nuclei merged at mask IoU >= {m.IOU_THRESHOLD:.2f} with >= {min(m.MIN_VOTES, wrapper.num_predictions)} "
-           "vote(s)")
+    if wrapper.merge_mode == "probs":
+        how = "probability maps averaged, post-processed once"
+    elif wrapper.merge_mode == "shared":
+        how = "maps of one meaning averaged across members, post-processed once by the first"
+    else:
+        how = (f"nuclei merged at mask IoU >= {m.IOU_THRESHOLD:.2f} with >= "
+               f"{min(m.MIN_VOTES, wrapper.num_predictions)} vote(s)")
     logger.info("Test-time wrapper: %d model(s) x %d transform(s) %s = %d predictions per image, %s", len(members),
                 len(transforms), [t.name for t in transforms], wrapper.num_predictions, how)
     return wrapper

@@ -29,6 +29,8 @@ extra channels), dense training targets come under ``targets`` (``INPUT.TARGETS`
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,16 @@ class DenseSegmentor(nn.Module):
     #: Config keys read only by :meth:`segment_probs` (never by :meth:`output_probs`): a grid over them post-processes
     #: the same maps, which ``tools/tune_inference.py`` then computes once per image. Leave out any key in doubt.
     postprocess_keys: tuple[str, ...] = ()
+    #: What a map estimates, for ensembles that average maps across methods (``TEST.MERGE.MODE`` "shared"): maps of
+    #: different models with one meaning are averaged. A map not listed means its own name. "interior": the nucleus
+    #: body shrunk so that touching nuclei come apart (thresholded at 0.5 into one component per nucleus, then grown
+    #: back); "boundary": the ``INPUT.BOUNDARY_WIDTH`` band inside each contour.
+    map_meanings: Mapping[str, str] = MappingProxyType({})
+
+    @property
+    def map_meaning_names(self) -> tuple[str, ...]:
+        """The meaning of each map of :attr:`prob_names`, in channel order."""
+        return tuple(self.map_meanings.get(n, n) for n in self.prob_names)
 
     def __init__(self, *, pixel_mean: list[float], pixel_std: list[float], tiling: TilingParams | None = None,
                  return_probs: bool = True, size_divisibility: int = 1):

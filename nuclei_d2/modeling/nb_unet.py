@@ -18,6 +18,7 @@ histopathology images", Med. Biol. Eng. Comput. 57 (2019); arXiv:1803.02786.
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,9 @@ class NucleusBoundaryUNet(DenseSegmentor):
     """``MODEL.META_ARCHITECTURE: NucleusBoundaryUNet`` — see the module docstring."""
 
     prob_names = ("background", "boundary", "inside")
+    # "inside" (the nucleus minus its INPUT.BOUNDARY_WIDTH band) is the two-stage U-Net's eroded foreground, give or
+    # take a pixel: TEST.MERGE.MODE "shared" averages the two
+    map_meanings = MappingProxyType({"inside": "interior"})
     postprocess_keys = tuple(f"MODEL.NB.{k}" for k in ("THRESHOLD", "CONNECTIVITY", "DILATION", "MIN_SIZE",
                                                         "RESTRICT_TO_FOREGROUND"))
 

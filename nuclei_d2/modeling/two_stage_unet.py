@@ -27,6 +27,7 @@ meta-architecture, e.g. ``configs/distance_unet.yaml`` or a stage-2 config; :met
 from __future__ import annotations
 
 import logging
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,9 @@ def _targets(train_stage: int, stage1_frozen: bool) -> tuple[str, ...]:
 class TwoStageUNet(DenseSegmentor):
     """``MODEL.META_ARCHITECTURE: TwoStageUNet`` — see the module docstring."""
 
+    # stage 1's "foreground" is the eroded foreground (touching pixels removed, INPUT.ERODE_RADIUS erosion): the NB
+    # U-Net's "inside" give or take a pixel (TEST.MERGE.MODE "shared")
+    map_meanings = MappingProxyType({"foreground": "interior"})
     # (not INFERENCE: "components" drops the distance map from the probabilities)
     postprocess_keys = tuple(f"MODEL.TWO_STAGE.{k}" for k in ("THRESHOLD", "CONNECTIVITY", "SIGMA", "SIGMA_FACTOR",
                                                                "MIN_DISTANCE", "PEAK_THRESHOLD", "MIN_SIZE",
