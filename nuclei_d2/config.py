@@ -512,8 +512,10 @@ def _add_tta_config(cfg: CN) -> None:
     e.CONFIGS = []
     m = cfg.TEST.MERGE = CN()
     # How predictions are merged: "probs" averages the probability maps of dense models (U-Nets, BRP-Net) and
-    # post-processes the mean once; "instances" merges nuclei (the keys below); "auto" takes "probs" when every member
-    # is a dense model with the same maps, else "instances".
+    # post-processes the mean once; "shared" averages, across dense models of different methods, the maps of one
+    # meaning (DenseSegmentor.map_meanings, e.g. the NB U-Net's inside and the two-stage U-Net's eroded foreground) and
+    # post-processes with the first model; "instances" merges nuclei (the keys below); "auto" takes "probs" when every
+    # member is a dense model with the same maps, else "instances".
     m.MODE = "auto"
     # Two predictions of different members (model x copy) are the same nucleus when their mask IoU >= IOU_THRESHOLD.
     m.IOU_THRESHOLD = 0.5
