@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model
+from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import NucleiCheckpointer
 from ..data.mapper import NucleiDatasetMapper
+from .autocast import build_train_loop
 
 __all__ = ["NucleiTrainer", "build_nuclei_evaluators", "build_optimizer", "write_config"]
 
@@ -95,7 +96,7 @@ class NucleiTrainer(DefaultTrainer):
         # SOLVER.STAGED freezes parameter groups after DDP is built: DDP must then tolerate parameters without grads.
         model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=bool(cfg.SOLVER.STAGED.ENABLED),
                                  **({"device_ids": None} if on_cpu else {}))
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_train_loop(cfg, model, data_loader, optimizer)  # SOLVER.AMP: bf16 autocast on CPU
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # weights_only loading and the fit check (nuclei_d2/checkpoint.py); config_file is named in its errors
         self.checkpointer = NucleiCheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR, config_file=config_file,

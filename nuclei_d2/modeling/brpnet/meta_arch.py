@@ -237,7 +237,7 @@ class BRPNet(DenseSegmentor):
         loss of the two refinement networks on the (at most ``max_proposals`` per image) proposal patches."""
         x, _, _ = self.prepare_training_batch(batched_inputs)
         with torch.no_grad():
-            probs = self.dense_probs(x).cpu().numpy()
+            probs = self.dense_probs(x).float().cpu().numpy()  # float: bf16 under SOLVER.AMP
         inputs: dict[str, list[np.ndarray]] = {"small": [], "large": []}
         targets: dict[str, list[np.ndarray]] = {"small": [], "large": []}
         for i, inp in enumerate(batched_inputs):
