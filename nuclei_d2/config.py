@@ -201,6 +201,11 @@ def _add_augment_and_target_config(cfg: CN) -> None:
     # Reference for STAIN_NORM: an image file (fitted when the mapper is built) or a JSON written by
     # nuclei_d2.stain.StainNormalizer.save() (reused as is). Pick one with nuclei_d2.stain.choose_reference.
     n.STAIN_REFERENCE = ""
+    # ---- test-time appearance shift (robustness measurements, docs/robustness.md) ---------------------------------
+    # At inference only, one shift of nuclei_d2/data/shifts.py applied to every image before stain normalisation and
+    # the extra channels, e.g. "blur:2", "jpeg:30", "hematoxylin:0.6", "scanner:aperio-like", "lowmag:2".
+    # "" (or "none") = images as they are. benchmarks/robustness.py sets it per shift; never for real predictions.
+    cfg.INPUT.TEST_SHIFT = ""
     # ---- extra input channels and dense targets -------------------------------------------------------------------
     # Channels stacked after RGB in the image tensor (C = 3 + len), computed after augmentation, scaled to 0-255 like
     # RGB (so PIXEL_MEAN / PIXEL_STD need 3 + len entries): "hematoxylin" (Ruifrok colour deconvolution of the

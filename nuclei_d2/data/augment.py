@@ -598,7 +598,8 @@ def _pair(v: Any) -> tuple[float, float]:
 def build_nuclei_augmentation(cfg, is_train: bool) -> list[T.Augmentation | Transform]:
     """The augmentation list of the nuclei mapper, from ``cfg.INPUT`` (keys in ``nuclei_d2/config.py``).
 
-    Order: stain normalisation (train and test, on the whole image so the stain estimate sees the most tissue);
+    Order: at inference only, the test-time shift ``INPUT.TEST_SHIFT`` (:mod:`nuclei_d2.data.shifts`, robustness
+    measurements); stain normalisation (train and test, on the whole image so the stain estimate sees the most tissue);
     then, in training only: Detectron2's crop (``INPUT.CROP``), shortest-edge resize (``INPUT.MIN_SIZE_TRAIN``,
     ``(0,)`` = keep resolution), rescale jitter, nucleus-aware crop (``INPUT.NUCLEI.CROP_SIZE``), flips, 90-degree
     rotations, elastic deformation, and the colour augmentations (HED, hue, brightness/contrast, blur, noise). At
@@ -606,6 +607,10 @@ def build_nuclei_augmentation(cfg, is_train: bool) -> list[T.Augmentation | Tran
     """
     n = cfg.INPUT.NUCLEI
     augs: list[T.Augmentation | Transform] = []
+    if not is_train and str(cfg.INPUT.TEST_SHIFT).strip() not in ("", "none"):
+        from .shifts import ShiftTransform  # a robustness measurement (INPUT.TEST_SHIFT): before normalisation
+
+        augs.append(ShiftTransform(cfg.INPUT.TEST_SHIFT))
     normalizer = build_stain_normalizer(cfg)
     if normalizer is not None:
         augs.append(StainNormalization(normalizer))
