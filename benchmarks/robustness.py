@@ -120,7 +120,7 @@ def save_examples(path: Path, image, shifts: list, normalizer=None, size: int = 
     h, w = image.shape[:2]
     s = min(size, h, w)
     crop_at = (slice((h - s) // 2, (h - s) // 2 + s), slice((w - s) // 2, (w - s) // 2 + s))
-    band = 30  # two lines of text: the kind, then the strength (and '+ norm')
+    band = 30  # two lines of text: the kind (and '+ norm'), then the strength
     rows = []
     for with_norm in ([False, True] if normalizer is not None else [False]):
         panels = []
@@ -131,7 +131,7 @@ def save_examples(path: Path, image, shifts: list, normalizer=None, size: int = 
             panel = np.full((s + band, s, 3), 255, dtype=np.uint8)
             panel[band:] = shifted[crop_at]
             kind, _, strength = shift.name.partition(":")
-            for line, text in enumerate((kind, strength + (" + norm" if with_norm else ""))):
+            for line, text in enumerate((kind + (" + norm" if with_norm else ""), strength)):
                 cv2.putText(panel, text.strip(), (3, 12 + 13 * line), cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 1,
                             cv2.LINE_AA)
             panels.append(np.pad(panel, ((0, 2), (0, 2), (0, 0)), constant_values=255))
