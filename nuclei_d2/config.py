@@ -216,8 +216,9 @@ def _add_augment_and_target_config(cfg: CN) -> None:
     # distance U-Net would give; use with MODEL.MASKRCNN_PLUS.DISTANCE_SOURCE "input"). Never for real predictions.
     cfg.INPUT.DISTANCE_FROM_GT_AT_TEST = False
     # Extra dense targets emitted under dataset_dict["targets"] (name -> tensor) whenever a label map is available:
-    # any of "foreground", "ternary", "boundary", "distance", "distance_raw", "eroded", "edge_weight". The targets the
-    # model's losses need are added by setup (its meta-architecture's required_targets_of(cfg)): list only extras.
+    # any of "foreground", "ternary", "boundary", "distance", "distance_raw", "eroded", "edge_weight", "hv" (2 x H x W).
+    # The targets the model's losses need are added by setup (its meta-architecture's required_targets_of(cfg)): list
+    # only extras.
     cfg.INPUT.TARGETS = []
     # Boundary thickness in pixels of the "ternary"/"boundary" targets: nucleus pixels within this Euclidean
     # distance of another label are boundary (Cui et al. 2019 nucleus-boundary model).
@@ -382,6 +383,29 @@ def _add_unet_config(cfg: CN) -> None:
     nb.MIN_SIZE = 0
     # Restrict the dilation to pixels the model calls nucleus or boundary (argmax != background). Not in the paper.
     nb.RESTRICT_TO_FOREGROUND = False
+    # HoVer-Net-style head (Graham et al. 2019; not in the NB paper; docs/unet_family.md): 2 more U-Net outputs (tanh),
+    # each nucleus pixel's horizontal / vertical offset from its nucleus' centre of mass scaled into [-1, 1] per nucleus
+    # (target "hv", added to INPUT.TARGETS by setup). Changes the checkpoint's last layer (5 outputs instead of 3).
+    nb.HV_HEAD = False
+    # Their losses: HV_MSE_WEIGHT * mean squared error of the maps (valid pixels) + HV_MSGE_WEIGHT * mean squared error
+    # of their Sobel derivatives along their own axis (nucleus pixels); HoVer-Net weights the gradient term 2:1.
+    nb.HV_MSE_WEIGHT = 1.0
+    nb.HV_MSGE_WEIGHT = 2.0
+    # Instances from the maps: "ternary" (the paper's: inside > THRESHOLD, components, grown back) or "hv" (needs
+    # HV_HEAD; nuclei_d2.postprocess.hv_watershed): foreground = 1 - p(background) > HV_THRESHOLD; energy =
+    # max(0, -d horizontal / dx, -d vertical / dy) by Sobel filters of size HV_SOBEL_SIZE (3/5/7) in map units per px
+    # (an ideal edge between touching nuclei gives 1.0 at size 3, a nucleus' outer contour 0.5); markers =
+    # foreground with energy < HV_ENERGY_THRESHOLD, components of >= HV_MARKER_MIN_SIZE px (a marker-less foreground
+    # component gets one at its lowest energy); watershed of the energy smoothed by HV_SIGMA px inside the foreground;
+    # objects under HV_MIN_SIZE px removed, holes filled. CONNECTIVITY applies too. Defaults chosen on the ideal maps of
+    # kumar_train (mean AJI 0.987; Sobel 5 or energy 0.3: 0.957): tune on a trained model's maps.
+    nb.POSTPROCESS = "ternary"
+    nb.HV_THRESHOLD = 0.5
+    nb.HV_ENERGY_THRESHOLD = 0.2
+    nb.HV_SOBEL_SIZE = 3
+    nb.HV_SIGMA = 1.0
+    nb.HV_MARKER_MIN_SIZE = 4
+    nb.HV_MIN_SIZE = 10
 
     # ---- two-stage U-Net, Mahbod et al. 2019 (nuclei_d2/modeling/two_stage_unet.py) ---------------------------------
     ts = cfg.MODEL.TWO_STAGE = CN()

@@ -11,6 +11,11 @@ background, 1..N = nuclei) that :func:`nuclei_d2.structures.label_map_to_instanc
   of nuclei in H&E-stained tissues", Sec. 2.3): Gaussian-smoothed distance map (sigma from the mean nucleus size of
   the stage-1 foreground), local maxima as markers, marker-controlled watershed inside the stage-1 foreground, objects
   under 20 px removed, holes filled.
+* :func:`hv_watershed` — HoVer-Net-style (Graham et al. 2019, "HoVer-Net: Simultaneous segmentation and
+  classification of nuclei in multi-tissue histology images", Medical Image Analysis 58): an energy from the Sobel
+  gradients of the predicted horizontal/vertical offset maps (:func:`hv_energy`, high where two nuclei meet), markers
+  where the foreground is sure and the energy low, marker-controlled watershed of the energy inside the foreground.
+  The NB U-Net's ``MODEL.NB.POSTPROCESS "hv"``.
 * :func:`foreground_components` — connected components of a foreground map (a stage-1-only model; a baseline).
 * Building blocks shared with other methods: :func:`threshold_components`, :func:`expand_labels`,
   :func:`remove_small_objects`, :func:`fill_holes`, :func:`instance_scores`, :func:`equivalent_radius`.
@@ -33,6 +38,8 @@ __all__ = [
     "expand_labels",
     "fill_holes",
     "foreground_components",
+    "hv_energy",
+    "hv_watershed",
     "instance_scores",
     "nb_postprocess",
     "remove_small_objects",
@@ -274,4 +281,81 @@ def distance_watershed(foreground_prob: np.ndarray, distance: np.ndarray, thresh
         label = fill_holes(label)
     if dilate > 0:
         label = expand_labels(label, dilate)
+    return relabel_sequential(label)
+
+
+def hv_energy(h_map: np.ndarray, v_map: np.ndarray, ksize: int = 3) -> np.ndarray:
+    """Where the horizontal/vertical offset maps fall: ``max(0, -d h / dx, -d v / dy)`` (float32, ``H x W``).
+
+    Inside a nucleus the offset from its centre grows along its axis (``h`` rises to the right, ``v`` downwards, by
+    about ``1 / radius`` per pixel); it falls only at an edge: by about 2 where two nuclei touch (+1 of the left one
+    to -1 of the right one), by 1 at a nucleus' outer contour. The derivatives are Sobel filters of size ``ksize``
+    (3, 5 or 7), normalised to unit response to a unit slope, so the energy is in map units per pixel and does not
+    depend on the image: an ideal edge between touching nuclei gives 1.0 with ``ksize`` 3 (0.75 with 5), an outer
+    contour 0.5 (0.375). HoVer-Net min-max normalises the Sobel responses per image instead; that scale moves with
+    what else is in the image.
+    """
+    import cv2
+
+    h = _check_map(h_map, "horizontal map").astype(np.float32, copy=False)
+    v = _check_map(v_map, "vertical map").astype(np.float32, copy=False)
+    if h.shape != v.shape:
+        raise ValueError(f"horizontal {h.shape} and vertical {v.shape} maps differ in shape")
+    if ksize not in (3, 5, 7):
+        raise ValueError(f"Sobel size must be 3, 5 or 7, got {ksize}")
+    scale = 1.0 / 2 ** (2 * ksize - 3)  # cv2.getDerivKernels(normalize=True)'s factor for a first derivative
+    dh = cv2.Sobel(h, cv2.CV_32F, 1, 0, ksize=ksize, scale=scale, borderType=cv2.BORDER_REPLICATE)
+    dv = cv2.Sobel(v, cv2.CV_32F, 0, 1, ksize=ksize, scale=scale, borderType=cv2.BORDER_REPLICATE)
+    return np.maximum(np.maximum(-dh, -dv), 0.0).astype(np.float32, copy=False)
+
+
+def hv_watershed(foreground_prob: np.ndarray, h_map: np.ndarray, v_map: np.ndarray, threshold: float = 0.5,
+                 energy_threshold: float = 0.2, ksize: int = 3, sigma: float = 1.0, marker_min_size: int = 4,
+                 min_size: int = 10, fill: bool = True, connectivity: int = 1) -> np.ndarray:
+    """Instances from a foreground probability and horizontal/vertical offset maps, HoVer-Net's way.
+
+    1. foreground = ``foreground_prob > threshold``;
+    2. energy = :func:`hv_energy` of the two maps (Sobel size ``ksize``), zero outside the foreground;
+    3. markers = foreground pixels whose energy is below ``energy_threshold`` (the nuclei' cores, cut apart where two
+       nuclei meet and the maps fall steeply), their connected components of at least ``marker_min_size`` px; a
+       foreground component left without a marker gets one at its lowest-energy pixel, so no nucleus is lost;
+    4. marker-controlled watershed of the energy (Gaussian-smoothed by ``sigma`` px; 0 = not smoothed) restricted to
+       the foreground: each core grows until it meets another one on the energy ridge between them;
+    5. objects under ``min_size`` px are removed, holes filled.
+
+    Defaults chosen on the ideal maps (targets of the ground truth) of the 16 ``kumar_train`` tiles, mean AJI: 0.987
+    (Sobel 3, energy 0.2) against 0.957 (3, 0.3), 0.957 (5, 0.2) and 0.877 (5, 0.3): Kumar nuclei are small, and a
+    wider filter blurs the fall between touching ones into their cores. Lower thresholds still gain on ideal maps
+    (0.994 at 0.15) but would cut noisy predicted maps into pieces; tune on a trained model's maps.
+
+    Returns:
+        int32 label map 1..N.
+    """
+    from skimage.segmentation import watershed
+
+    fg_prob = _check_map(foreground_prob, "foreground probability map")
+    energy = hv_energy(h_map, v_map, ksize)
+    if fg_prob.shape != energy.shape:
+        raise ValueError(f"foreground {fg_prob.shape} and offset {energy.shape} maps differ in shape")
+    fg = fg_prob > threshold
+    comps, n = ndimage.label(fg, structure=_structure(connectivity))
+    if n == 0:
+        return np.zeros(fg.shape, dtype=np.int32)
+    energy[~fg] = 0.0
+    markers, m = ndimage.label(fg & (energy < energy_threshold), structure=_structure(connectivity))
+    markers = markers.astype(np.int32, copy=False)
+    if marker_min_size > 1 and m:
+        markers = remove_small_objects(markers, marker_min_size)
+        m = int(markers.max())
+    has = np.zeros(n + 1, dtype=bool)
+    has[comps[markers > 0]] = True
+    missing = np.nonzero(~has[1:])[0] + 1
+    if missing.size:
+        flat = _first_maximum_per_label(-energy, comps, missing)
+        markers.ravel()[flat] = np.arange(m + 1, m + 1 + len(missing), dtype=np.int32)
+    elevation = ndimage.gaussian_filter(energy, sigma) if sigma > 0 else energy
+    label = watershed(elevation, markers, mask=fg, connectivity=connectivity).astype(np.int32, copy=False)
+    label = remove_small_objects(label, min_size)
+    if fill:
+        label = fill_holes(label)
     return relabel_sequential(label)

@@ -18,6 +18,9 @@ name                   what (dtype)
 ``distance_raw``       the same distance, not normalised, in pixels (float32)
 ``eroded``             binarised, touching borders removed, eroded (uint8) — two-stage U-Net stage-1 target
 ``edge_weight``        W = alpha * De / (Dc + De) of the nucleus-boundary paper (float32, mean 1; shape only)
+``hv``                 2 x H x W: each nucleus pixel's horizontal (channel 0, x - x_c) and vertical (channel 1,
+                       y - y_c) offset from its nucleus' centre of mass, each scaled into [-1, 1] per nucleus, 0 on
+                       background (float32) — HoVer-Net-style head of the NB U-Net (Graham et al. 2019)
 =====================  ==========================================================================================
 
 Image-border convention: a nucleus cut by the image (or crop) border is not considered to end there — the cut edge
@@ -48,6 +51,7 @@ __all__ = [
     "distance_map",
     "eroded_foreground",
     "foreground_map",
+    "hv_map",
     "instance_distance",
     "rebinarize_ternary",
     "ternary_map",
@@ -304,6 +308,41 @@ def eroded_foreground(label: np.ndarray, erode_radius: int = 1, remove_touching:
     return fg
 
 
+def hv_map(label: np.ndarray) -> np.ndarray:
+    """Horizontal and vertical offsets of every nucleus pixel from its nucleus' centre of mass (``2 x H x W``).
+
+    The targets of HoVer-Net (Graham et al., "HoVer-Net: Simultaneous segmentation and classification of nuclei in
+    multi-tissue histology images", Medical Image Analysis 58, 2019): channel 0 is ``x - x_c`` (positive right of the
+    centre), channel 1 is ``y - y_c`` (positive below it). Each sign is scaled on its own per nucleus (negative values
+    by the largest negative offset, positive ones by the largest positive offset), so every nucleus spans [-1, 1] on
+    both axes whatever its size, and the maps jump from about +1 to -1 where two nuclei touch: the gradient that
+    :func:`nuclei_d2.postprocess.hv_watershed` cuts them along. Background is 0.
+
+    The centre is the exact (not rounded) mean of the pixel coordinates, so a flip negates one channel and a quarter
+    turn swaps them (one negated) exactly: what test-time augmentation inverts (:meth:`TTATransform.invert_map`).
+    A nucleus cut by the image border is centred on its visible part (the mapper computes targets on the final crop).
+    """
+    label = _as_label(label)
+    out = np.zeros((2, *label.shape), dtype=np.float32)
+    if label.size == 0 or not label.any():
+        return out
+    seq = relabel_sequential(label)
+    for idx, sl in enumerate(ndimage.find_objects(seq)):
+        if sl is None:
+            continue
+        mask = seq[sl] == idx + 1
+        ys, xs = np.nonzero(mask)
+        for c, coord in enumerate((xs, ys)):
+            off = coord - coord.mean()
+            lo, hi = off.min(), off.max()
+            if lo < 0:
+                off[off < 0] /= -lo
+            if hi > 0:
+                off[off > 0] /= hi
+            out[c][sl][mask] = off
+    return out
+
+
 # ---- dispatcher ---------------------------------------------------------------------------------------------------
 
 _TARGETS: dict[str, Callable[..., np.ndarray]] = {
@@ -314,6 +353,7 @@ _TARGETS: dict[str, Callable[..., np.ndarray]] = {
     "distance_raw": functools.partial(distance_map, normalize=False),
     "eroded": eroded_foreground,
     "edge_weight": lambda label: np.array(edge_weight_map(label.shape)),  # a writable copy of the cached map
+    "hv": hv_map,
 }
 TARGET_NAMES: tuple[str, ...] = tuple(_TARGETS)
 _PARAMS = {"boundary_width", "border_is_contour", "erode_radius", "remove_touching", "connectivity"}

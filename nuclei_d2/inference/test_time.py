@@ -237,7 +237,7 @@ class TestTimeWrapper(nn.Module):
         probs = unwrap_model(self.models[index]).predict_probs(copy["image"])
         if tuple(probs.shape[-2:]) != size:  # the mapper resized the image: maps back to the copy's size
             probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
-        return t.invert_map(probs, height, width)
+        return t.invert_map(probs, height, width, getattr(unwrap_model(self.models[index]), "vector_channels", ()))
 
     @torch.no_grad()
     def member_probs_sum(self, index: int, inp: dict[str, Any]) -> torch.Tensor:

@@ -115,23 +115,49 @@ class TTATransform:
                          pred.scores.copy(), pred.classes.copy())
 
 
-    def invert_map(self, maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def invert_map(self, maps: torch.Tensor, height: int, width: int,
+                   vectors: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
         """Map ``K x h x w`` dense maps (probabilities) predicted on the transformed copy back to the original
-        ``height x width`` frame: what dense models' copies are averaged in (photometric operations need nothing)."""
+        ``height x width`` frame: what dense models' copies are averaged in (photometric operations need nothing).
+
+        ``vectors`` lists channel pairs ``(x, y)`` that are the two components of a vector field (e.g. the NB U-Net's
+        horizontal/vertical offsets from the nucleus centre, :attr:`DenseSegmentor.vector_channels`): besides moving
+        the pixels, a flip negates the component along its axis and a quarter turn rotates the vector (swaps the
+        components, negating one)."""
         th, tw = self.output_size(height, width)
         if tuple(maps.shape[-2:]) != (th, tw):
             raise ValueError(f"TTA {self.name!r}: maps are {maps.shape[-2]}x{maps.shape[-1]} but the transformed copy "
                              f"of a {height}x{width} image is {th}x{tw}")
+        for cx, cy in vectors:
+            if not (0 <= cx < maps.shape[0] and 0 <= cy < maps.shape[0]) or cx == cy:
+                raise ValueError(f"TTA {self.name!r}: vector channels ({cx}, {cy}) do not fit {maps.shape[0]} maps")
         for t in reversed(self.geometric_transforms(height, width)):
             if isinstance(t, HFlipTransform):
                 maps = maps.flip(-1)
+                maps = _negate(maps, [cx for cx, _ in vectors])
             elif isinstance(t, VFlipTransform):
                 maps = maps.flip(-2)
+                maps = _negate(maps, [cy for _, cy in vectors])
             elif isinstance(t, Rot90Transform):  # np.rot90 turns counter-clockwise from rows to columns
                 maps = torch.rot90(maps, -t.k, dims=(-2, -1))
+                for _ in range(int(t.k) % 4 if vectors else 0):
+                    # the copy was turned a quarter counter-clockwise, which took an offset (x, y) (y down) to
+                    # (y, -x); turning back takes (x', y') to (-y', x')
+                    maps = maps.clone()
+                    for cx, cy in vectors:
+                        x, y = maps[cx].clone(), maps[cy].clone()
+                        maps[cx], maps[cy] = -y, x
             else:
                 raise TypeError(f"no map inverse for {type(t).__name__}")
         return maps
+
+
+def _negate(maps: torch.Tensor, channels: Sequence[int]) -> torch.Tensor:
+    if not channels:
+        return maps
+    maps = maps.clone()
+    maps[list(channels)] *= -1
+    return maps
 
 
 def _invert_crop(t: Transform, crop: np.ndarray) -> np.ndarray:

@@ -70,6 +70,15 @@ class DenseSegmentor(nn.Module):
     #: body shrunk so that touching nuclei come apart (thresholded at 0.5 into one component per nucleus, then grown
     #: back); "boundary": the ``INPUT.BOUNDARY_WIDTH`` band inside each contour.
     map_meanings: Mapping[str, str] = MappingProxyType({})
+    #: Pairs of maps ``(x, y)`` that are the two components of a vector field (not probabilities): test-time
+    #: augmentation negates or swaps them when it maps a copy back (``TTATransform.invert_map``).
+    vector_maps: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def vector_channels(self) -> tuple[tuple[int, int], ...]:
+        """Channel indices of the :attr:`vector_maps` this model predicts."""
+        names = list(self.prob_names)
+        return tuple((names.index(x), names.index(y)) for x, y in self.vector_maps if x in names and y in names)
 
     @property
     def map_meaning_names(self) -> tuple[str, ...]:
@@ -108,7 +117,8 @@ class DenseSegmentor(nn.Module):
 
     def dense_losses(self, x: torch.Tensor, targets: dict[str, torch.Tensor], valid: torch.Tensor
                      ) -> dict[str, torch.Tensor]:
-        """Loss dict from a normalised batch, its targets (``B x H x W`` each) and the valid-pixel mask."""
+        """Loss dict from a normalised batch, its targets (``B x H x W`` each; ``B x K x H x W`` for a K-channel
+        target) and the valid-pixel mask."""
         raise NotImplementedError
 
     def postprocess(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -173,10 +183,10 @@ class DenseSegmentor(nn.Module):
                     t = torch.from_numpy(np.array(edge_weight_map((h, w))))
                 if tuple(t.shape[-2:]) != (h, w):
                     raise ValueError(f"target {name!r} has shape {tuple(t.shape)} but the image is {h}x{w}")
-                if name not in targets:
+                if name not in targets:  # B x H x W, or B x K x H x W for a K-channel target ("hv")
                     dtype = torch.float32 if t.is_floating_point() else torch.int64
-                    targets[name] = torch.zeros((b, hp, wp), dtype=dtype, device=self.device)
-                targets[name][i, :h, :w] = t.to(self.device, targets[name].dtype)
+                    targets[name] = torch.zeros((b, *t.shape[:-2], hp, wp), dtype=dtype, device=self.device)
+                targets[name][i, ..., :h, :w] = t.to(self.device, targets[name].dtype)
         return x, targets, valid
 
     @torch.no_grad()
