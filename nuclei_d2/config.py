@@ -266,15 +266,15 @@ def _add_solver_config(cfg: CN) -> None:
     # "SGD" (Detectron2's default), "Adam" or "AdamW".
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Mixed precision with SOLVER.AMP.ENABLED (Detectron2's key): the forward pass under torch.autocast in this dtype.
+    # "auto" = bfloat16 on CPU (no loss scaling needed; oneDNN runs bf16 convolutions natively on CPUs with
+    # AVX512-BF16 or AMX) and float16 with Detectron2's AMPTrainer on CUDA. "bfloat16" / "float16" force one.
+    cfg.SOLVER.AMP.PRECISION = "auto"
     # Exponential moving average of the weights (nuclei_d2/engine/ema.py): after every optimizer step
     # ema = DECAY * ema + (1 - DECAY) * weights, over the parameters and floating-point buffers (BatchNorm statistics).
     # Checkpoints carry it (--resume continues it); training also writes OUTPUT_DIR/model_ema_final.pth beside
     # model_final.pth (evaluate it with MODEL.WEIGHTS), and evaluation (TEST.EVAL_PERIOD and after training) runs on
     # both weights, the EMA's into OUTPUT_DIR/ema/.
-    # Mixed precision with SOLVER.AMP.ENABLED (Detectron2's key): the forward pass under torch.autocast in this dtype.
-    # "auto" = bfloat16 on CPU (no loss scaling needed; oneDNN runs bf16 convolutions natively on CPUs with
-    # AVX512-BF16 or AMX) and float16 with Detectron2's AMPTrainer on CUDA. "bfloat16" / "float16" force one.
-    cfg.SOLVER.AMP.PRECISION = "auto"
     cfg.SOLVER.EMA = CN()
     cfg.SOLVER.EMA.ENABLED = False
     # In [0, 1): the average spans about 1 / (1 - DECAY) steps (1000 for 0.999).
