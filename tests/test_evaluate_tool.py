@@ -181,6 +181,8 @@ def test_paired_wilcoxon_comparison(folders):
     assert rows["AJI"]["statistic"] == pytest.approx(want.statistic)
     assert rows["AJI"]["n"] == 8 and rows["AJI"]["p_value"] < 0.05 and rows["AJI"]["better"] == "B"
     assert rows["AJI"]["mean_diff"] == pytest.approx(np.mean(b) - np.mean(a))
+    d = np.subtract(b, a)  # issue 24: the standard error of the paired difference over images, beside its mean
+    assert rows["AJI"]["se_diff"] == pytest.approx(d.std(ddof=1) / np.sqrt(d.size), rel=1e-12)
     assert rows["MDR"]["better"] in ("B", "n.s.")     # lower is better for error rates
     assert rows["Hausdorff_obj"]["better"] == "B"
     for r in rows.values():  # a set is named only where the difference is significant
@@ -210,7 +212,9 @@ def test_main_writes_outputs(folders, capsys):
     with open(out / "comparison.csv") as f:
         comp = list(csv.DictReader(f))
     assert [r["metric"] for r in comp] == list(METRIC_KEYS) and "p_value" in comp[0]
-    assert {"mean_shifted", "mean_clean", "mean_diff_clean_minus_shifted"} <= set(comp[0])
+    assert {"mean_shifted", "mean_clean", "mean_diff_clean_minus_shifted",
+            "se_diff_clean_minus_shifted"} <= set(comp[0])
+    assert "SE of mean diff" in text
     assert {r["better"] for r in comp} <= {"shifted", "clean", "n.s.", ""}
     results_b = json.loads((out / "results_b.json").read_text())
     assert results_b["settings"]["name"] == "clean" and results_b["summary"]["all"]["n_images"] == 8
@@ -441,7 +445,9 @@ def test_help_and_argument_errors_do_not_import_torch(tmp_path):
     tool = str(REPO / "tools" / "evaluate.py")
     for argv, code in ((["--help"], 0), (["--gt", "x"], 2), (["--gt", "x", "--pred", "y", "--iou-threshold", "1"], 2),
                        (["--gt", "x", "--pred", "y", "--pred-b", "z", "--names", "m", "m"], 2),
-                       (["--gt", "x", "--pred", "y", "--alpha", "0"], 2)):
+                       (["--gt", "x", "--pred", "y", "--alpha", "0"], 2), (["--compare", "a.csv"], 2),
+                       (["--compare", "a.csv", "b.csv", "--summary", "c.csv"], 2),
+                       (["--compare", "a.csv", "b.csv", "--gt", "x"], 2), (["--summary", "c.csv", "--pred", "y"], 2)):
         proc = subprocess.run([sys.executable, "-X", "importtime", tool, *argv], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == code, (argv, proc.stderr[-2000:])
@@ -487,3 +493,136 @@ def test_predict_output_folder_end_to_end(tmp_path, python):
     assert "(2 images;" in r.stdout
     with open(tmp_path / "scores" / "per_image.csv") as f:
         assert sorted(row["image"] for row in csv.DictReader(f)) == ["tile0", "tile1"]
+
+
+# ---- issue 24: is a difference real? --compare / --summary on per-image CSVs already written ----------------------
+
+# 7 tiles; B - A on AJI is positive on 6 and slightly negative on the smallest-magnitude one (W = 1, exact p 4/128)
+_A = {"AJI": [0.52, 0.61, 0.47, 0.58, 0.66, 0.55, 0.49], "PQ": [0.50, 0.55, 0.45, 0.52, 0.60, 0.48, 0.44],
+      "Dice1": [0.80, 0.81, 0.78, 0.79, 0.83, 0.77, 0.76], "F1": [0.70, 0.72, 0.68, 0.71, 0.75, 0.69, 0.66]}
+_B = {"AJI": ["0.530", "0.635", "0.465", "0.598", "0.691", "0.557", "0.502"],
+      "PQ": ["0.51", "0.54", "0.47", "0.52", "0.58", "0.49", "0.43"],
+      "Dice1": ["0.80", "0.81", "0.78", "0.79", "0.83", "0.77", "0.76"],
+      "F1": ["0.71", "0.70", "nan", "0.73", "0.74", "0.70", "0.67"]}
+_TILES = [f"TCGA-{i}" for i in range(7)]
+_TILE_ORGANS = ["liver", "liver", "kidney", "kidney", "bladder", "bladder", "brain"]
+
+
+def _hand_csv(path: Path, values: dict, order=range(7), drop=(), extra_row=None) -> Path:
+    """A minimal per-image CSV (image, organ, organ_seen and the four headline metrics), rows in ``order``."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "organ", "organ_seen", *[k for k in values if k not in drop]])
+        for i in order:
+            w.writerow([_TILES[i], _TILE_ORGANS[i], str(_TILE_ORGANS[i] in ("liver", "kidney")),
+                        *[values[k][i] for k in values if k not in drop]])
+        if extra_row:
+            w.writerow(extra_row)
+    return path
+
+
+def test_compare_csvs_means_se_and_wilcoxon_are_exact(tmp_path, capsys):
+    import statistics
+
+    a_csv = _hand_csv(tmp_path / "raw.csv", {k: [repr(v) for v in vs] for k, vs in _A.items()})
+    b_csv = _hand_csv(tmp_path / "ema.csv", _B, order=[3, 6, 0, 5, 1, 4, 2])  # matched by name, not by row
+    out = tmp_path / "cmp"
+    code, text, err = _evaluate(["--compare", a_csv, b_csv, "--names", "raw", "ema", "--output-dir", out], capsys)
+    assert code == 0, err
+    assert "ema vs raw" in text and "SE of mean diff" in text and "7 images" in text
+    with open(out / "comparison.csv") as f:
+        comp = {r["metric"]: r for r in csv.DictReader(f)}
+    assert list(comp) == ["AJI", "PQ", "Dice1", "F1"]
+    for k, row in comp.items():
+        a, b = np.array(_A[k]), np.array([float(v) for v in _B[k]])
+        ok = ~np.isnan(b)
+        a, b = a[ok], b[ok]
+        d = list(b - a)
+        assert int(row["n"]) == len(d)
+        assert float(row["mean_raw"]) == pytest.approx(statistics.fmean(a), rel=1e-12)
+        assert float(row["mean_ema"]) == pytest.approx(statistics.fmean(b), rel=1e-12)
+        assert float(row["mean_diff_ema_minus_raw"]) == pytest.approx(statistics.fmean(d), rel=1e-12)
+        assert float(row["median_diff_ema_minus_raw"]) == pytest.approx(statistics.median(d), rel=1e-12)
+        if k == "Dice1":  # identical: the test is undefined, p reported as 1
+            assert float(row["se_diff_ema_minus_raw"]) == 0.0 and float(row["p_value"]) == 1.0
+            assert row["better"] == "n.s."
+            continue
+        assert float(row["se_diff_ema_minus_raw"]) == pytest.approx(statistics.stdev(d) / len(d) ** 0.5, rel=1e-12)
+        want = scipy.stats.wilcoxon(a, b)
+        assert float(row["statistic"]) == want.statistic and float(row["p_value"]) == pytest.approx(want.pvalue)
+    assert float(comp["AJI"]["statistic"]) == 1.0 and float(comp["AJI"]["p_value"]) == pytest.approx(4 / 128)
+    assert comp["AJI"]["better"] == "ema" and comp["PQ"]["better"] == "n.s." and int(comp["F1"]["n"]) == 6
+    # --metrics picks columns; a stricter --alpha turns the AJI gain into n.s.
+    code, text, err = _evaluate(["--compare", a_csv, b_csv, "--metrics", "AJI", "--alpha", "0.01"], capsys)
+    assert code == 0, err
+    table = text[text.index("B vs A"):]
+    assert "| AJI " in table and "| PQ " not in table and "n.s." in table
+
+
+def test_compare_csvs_refuses_bad_input_writing_nothing(tmp_path, capsys):
+    a_csv = _hand_csv(tmp_path / "a.csv", _A)
+    out = tmp_path / "cmp"
+    cases = [  # (file B, extra arguments, words the one-line error must contain)
+        (_hand_csv(tmp_path / "missing.csv", _B, order=range(6)), [], ("missing.csv", "TCGA-6")),
+        (_hand_csv(tmp_path / "extra.csv", _B, extra_row=["TCGA-9", "", "", "0.5", "0.5", "0.5", "0.5"]), [],
+         ("a.csv", "TCGA-9")),
+        (_hand_csv(tmp_path / "dup.csv", _B, order=[0, 1, 2, 3, 4, 5, 6, 2]), [], ("dup.csv", "TCGA-2", "twice")),
+        (_hand_csv(tmp_path / "nopq.csv", _B, drop=("PQ",)), [], ("nopq.csv", "PQ")),
+        (_hand_csv(tmp_path / "b.csv", _B), ["--metrics", "AJI+"], ("a.csv", "AJI+")),  # A is read first
+        (_hand_csv(tmp_path / "b.csv", _B), ["--metrics", "AJl"], ("--metrics", "AJl")),
+        (_hand_csv(tmp_path / "text.csv", {**_B, "AJI": ["0.5", "high", *_B["AJI"][2:]]}), [],
+         ("text.csv", "line 3", "AJI", "high")),
+        (tmp_path / "absent.csv", [], ("absent.csv",)),
+    ]
+    for b_csv, extra, words in cases:
+        code, text, err = _evaluate(["--compare", a_csv, b_csv, "--output-dir", out, *extra], capsys)
+        assert code == 2, (b_csv, extra, text)
+        _one_line_error(err, *words)
+        assert not out.exists(), b_csv
+    (tmp_path / "noimage.csv").write_text("name,AJI,PQ,Dice1,F1\nx,1,1,1,1\n")
+    code, _, err = _evaluate(["--summary", tmp_path / "noimage.csv", "--output-dir", out], capsys)
+    assert code == 2 and not out.exists()
+    _one_line_error(err, "noimage.csv", "image")
+
+
+def test_compare_and_summary_read_the_evaluators_csvs(folders, capsys):
+    """Per-image CSVs as NucleiEvaluator (extra image_id, file_name columns) and tools/evaluate.py write them."""
+    import statistics
+
+    from nuclei_d2.evaluation.report import write_records_csv
+
+    root, _ = folders
+    gt = open_label_source(root / "gt")
+    organs = load_organ_map(root / "organs.json")
+    rec_a, rec_b = (score_sources(gt, open_label_source(root / s), organs=organs, train_organs=["liver", "breast"],
+                                  progress=False) for s in ("a", "b"))
+    evaluator_style = [{**r, "image_id": str(i), "file_name": f"/data/{r['image']}.png"} for i, r in enumerate(rec_a)]
+    a_csv = write_records_csv(root / "inference" / "nuclei_per_image.csv", evaluator_style,
+                              extra_keys=("image_id", "file_name"))
+    b_csv = write_records_csv(root / "per_image_b.csv", list(reversed(rec_b)))
+    keys = ("AJI", "AJI+", "PQ", "Dice1", "F1", "Hausdorff_obj", "MDR")
+    out = root / "cmp"
+    code, text, err = _evaluate(["--compare", a_csv, b_csv, "--metrics", *keys, "--output-dir", out], capsys)
+    assert code == 0, err
+    with open(out / "comparison.csv") as f:
+        comp = list(csv.DictReader(f))
+    want = compare_predictions(rec_a, rec_b, keys)
+    assert [r["metric"] for r in comp] == list(keys)
+    for got, w in zip(comp, want):  # the CSV round trip loses nothing (floats are written with repr)
+        for col, value in zip(("mean_A", "mean_B", "mean_diff_B_minus_A", "se_diff_B_minus_A", "p_value", "better"),
+                              (w["mean_a"], w["mean_b"], w["mean_diff"], w["se_diff"], w["p_value"], w["better"])):
+            assert got[col] == str(value), (w["metric"], col)
+    # --summary: mean +- SE over images, overall, seen / unseen organs and per organ
+    code, text, err = _evaluate(["--summary", a_csv, "--output-dir", out], capsys)
+    assert code == 0, err
+    assert "unseen organs" in text and "organ: kidney" in text and "±" in text
+    with open(out / "summary.csv") as f:
+        summ = {r["group"]: r for r in csv.DictReader(f)}
+    aji = [r["AJI"] for r in rec_a]
+    kidney = [r["AJI"] for r in rec_a if r["organ"] == "kidney"]
+    assert float(summ["all"]["AJI"]) == pytest.approx(statistics.fmean(aji), rel=1e-12)
+    assert float(summ["all"]["AJI_se"]) == pytest.approx(statistics.stdev(aji) / len(aji) ** 0.5, rel=1e-12)
+    assert int(summ["organ: kidney"]["n_images"]) == 2
+    assert float(summ["organ: kidney"]["AJI_se"]) == pytest.approx(statistics.stdev(kidney) / 2 ** 0.5, rel=1e-12)
+    assert int(summ["seen organs"]["n_images"]) + int(summ["unseen organs"]["n_images"]) == 8
+    assert list(summ["all"])[:4] == ["group", "n_images", "AJI", "AJI_se"]

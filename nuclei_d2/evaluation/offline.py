@@ -6,6 +6,8 @@ The logic behind ``tools/evaluate.py`` (whose parser lives in the tool file; it 
     python tools/evaluate.py --gt labels/ --pred predict_out/          # tools/predict.py's output folder as it is
     python tools/evaluate.py --gt test_coco.json --pred coco_instances_results.json
     python tools/evaluate.py --gt labels/ --pred method_a/ --pred-b method_b/   # paired Wilcoxon per metric
+    python tools/evaluate.py --compare a/nuclei_per_image.csv b/nuclei_per_image.csv   # the same, from per-image CSVs
+    python tools/evaluate.py --summary nuclei_per_image.csv                     # mean +- standard error over images
 
 Sources (:func:`open_label_source`):
 
@@ -41,13 +43,24 @@ from ..structures import annotations_to_label_map
 from ..utils.io import ImageReadError, atomic_write, read_json, read_label_map
 from ..utils.io import check_output_dir as _check_output_dir
 from .metrics import HIGHER_IS_BETTER, METRIC_KEYS, compute_metrics
-from .report import format_summary_table, is_seen, summarize, write_records_csv, write_results_json
+from .report import (
+    format_mean_se_table,
+    format_summary_table,
+    is_seen,
+    read_records_csv,
+    summarize,
+    summarize_mean_se,
+    write_mean_se_csv,
+    write_records_csv,
+    write_results_json,
+)
 
 __all__ = [
     "LabelMapSource",
     "check_coverage",
     "check_output_dir",
     "compare_predictions",
+    "compare_records_csv",
     "format_comparison_table",
     "load_organ_map",
     "open_label_source",
@@ -361,9 +374,10 @@ def compare_predictions(records_a: Sequence[Mapping[str, Any]], records_b: Seque
                         names: tuple[str, str] = ("A", "B")) -> list[dict[str, Any]]:
     """Paired comparison of two prediction sets on the same images: a two-sided Wilcoxon signed-rank test per metric.
 
-    Returns one row per metric: ``n`` (image pairs; NaN values dropped), ``mean_a``, ``mean_b``, ``mean_diff`` and
-    ``median_diff`` (B - A), ``statistic`` and ``p_value`` of ``scipy.stats.wilcoxon`` (zero differences dropped,
-    its default), ``alpha`` and ``better``: the name (from ``names``) of the set with the better mean (knowing
+    Returns one row per metric: ``n`` (image pairs; NaN values dropped), ``mean_a``, ``mean_b``, ``mean_diff`` (B -
+    A), ``se_diff`` (its standard error over images: sample standard deviation of the differences / sqrt(n); NaN
+    below two pairs), ``median_diff``, ``statistic`` and ``p_value`` of ``scipy.stats.wilcoxon`` (zero differences
+    dropped, its default), ``alpha`` and ``better``: the name (from ``names``) of the set with the better mean (knowing
     whether the metric is higher- or lower-better) only when ``p_value < alpha``; ``"n.s."`` when the difference is
     not significant; ``""`` when there is nothing to test (no pairs). When every difference is zero the test is
     undefined: ``p_value`` is 1.0 and ``statistic`` NaN.
@@ -390,6 +404,7 @@ def compare_predictions(records_a: Sequence[Mapping[str, Any]], records_b: Seque
                                "mean_a": float(a.mean()) if a.size else math.nan,
                                "mean_b": float(b.mean()) if b.size else math.nan,
                                "mean_diff": float(d.mean()) if d.size else math.nan,
+                               "se_diff": float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan,
                                "median_diff": float(np.median(d)) if d.size else math.nan}
         if a.size == 0:
             row.update(statistic=math.nan, p_value=math.nan)
@@ -410,14 +425,15 @@ def compare_predictions(records_a: Sequence[Mapping[str, Any]], records_b: Seque
     return rows
 
 
-COMPARISON_COLUMNS = ("metric", "n", "mean_a", "mean_b", "mean_diff", "median_diff", "statistic", "p_value", "alpha",
-                      "better")
+COMPARISON_COLUMNS = ("metric", "n", "mean_a", "mean_b", "mean_diff", "se_diff", "median_diff", "statistic", "p_value",
+                      "alpha", "better")
 
 
 def _comparison_headers(name_a: str, name_b: str) -> list[str]:
     """CSV column names: the sets' names where the rows say a/b."""
     return ["metric", "n", f"mean_{name_a}", f"mean_{name_b}", f"mean_diff_{name_b}_minus_{name_a}",
-            f"median_diff_{name_b}_minus_{name_a}", "statistic", "p_value", "alpha", "better"]
+            f"se_diff_{name_b}_minus_{name_a}", f"median_diff_{name_b}_minus_{name_a}", "statistic", "p_value", "alpha",
+            "better"]
 
 
 def format_comparison_table(rows: Sequence[Mapping[str, Any]], name_a: str = "A", name_b: str = "B") -> str:
@@ -430,11 +446,34 @@ def format_comparison_table(rows: Sequence[Mapping[str, Any]], name_a: str = "A"
         return str(v)
 
     alpha = rows[0]["alpha"] if rows else 0.05
-    headers = ["metric", "n", f"mean {name_a}", f"mean {name_b}", f"mean diff ({name_b} - {name_a})", "median diff",
-               "W", "p", f"better (p < {alpha:g})"]
+    headers = ["metric", "n", f"mean {name_a}", f"mean {name_b}", f"mean diff ({name_b} - {name_a})",
+               "SE of mean diff", "median diff", "W", "p", f"better (p < {alpha:g})"]
     columns = [c for c in COMPARISON_COLUMNS if c != "alpha"]
     body = [[f(r[c]) for c in columns] for r in rows]
     return tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True)
+
+
+#: Metrics of ``--compare`` / ``--summary`` unless ``--metrics`` says otherwise (the README's table columns).
+CSV_DEFAULT_METRICS: tuple[str, ...] = ("AJI", "PQ", "Dice1", "F1")
+
+
+def compare_records_csv(path_a: str | Path, path_b: str | Path, keys: Sequence[str] = CSV_DEFAULT_METRICS, *,
+                        alpha: float = 0.05, names: tuple[str, str] = ("A", "B")) -> list[dict[str, Any]]:
+    """:func:`compare_predictions` of two evaluations already done, from their per-image CSVs (matched by name).
+
+    Both files are read whole and checked first (:func:`~nuclei_d2.evaluation.report.read_records_csv`); an image
+    in one file but not the other is an error naming the file that lacks it.
+    """
+    path_a, path_b = Path(path_a), Path(path_b)
+    rec_a, rec_b = read_records_csv(path_a, keys), read_records_csv(path_b, keys)
+    for lacking, other, theirs, ours in ((path_b, path_a, rec_a, rec_b), (path_a, path_b, rec_b, rec_a)):
+        have = {r["image"] for r in ours}
+        absent = [r["image"] for r in theirs if r["image"] not in have]
+        if absent:
+            shown = ", ".join(absent[:5]) + (" ..." if len(absent) > 5 else "")
+            raise ValueError(f"{lacking}: no row for {len(absent)} of the {len(theirs)} images of {other} ({shown}); "
+                             "a paired comparison needs the same images in both files")
+    return compare_predictions(rec_a, rec_b, keys, alpha=alpha, names=names)
 
 
 def write_comparison_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], name_a: str = "A",
@@ -484,9 +523,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     Order: the output folder is checked, then every input is opened and checked (ground truth, both prediction
     sets, the organ file), then everything is scored, and only then are tables printed and files written, so a bad
-    input anywhere leaves no output behind.
+    input anywhere leaves no output behind. ``--compare A.csv B.csv`` and ``--summary CSV`` read per-image CSVs
+    instead of scoring label maps, in the same order (output folder, whole inputs, then output).
     """
     try:
+        if getattr(args, "compare", None):
+            return _run_compare(args)
+        if getattr(args, "summary", None):
+            return _run_summary(args)
         return _run(args)
     except (ValueError, KeyError, OSError, ImageReadError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -498,6 +542,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--iou-threshold must be in [0, 1), got {args.iou_threshold}")
     alpha = getattr(args, "alpha", 0.05)
     name_a, name_b = args.names or ("A", "B")
+    keys = _metric_keys(getattr(args, "metrics", None), METRIC_KEYS)
     sets = [("", name_a, args.pred)] + ([("_b", name_b, args.pred_b)] if args.pred_b else [])
     out_dir = None
     if args.output_dir:
@@ -517,7 +562,7 @@ def _run(args: argparse.Namespace) -> int:
     all_records = [score_sources(gt, pred, iou_threshold=args.iou_threshold, hausdorff=not args.no_hausdorff,
                                  missing=args.missing, organs=organs, train_organs=train_organs,
                                  progress=not args.quiet) for pred in preds]
-    rows = (compare_predictions(all_records[0], all_records[1], alpha=alpha, names=(name_a, name_b))
+    rows = (compare_predictions(all_records[0], all_records[1], keys, alpha=alpha, names=(name_a, name_b))
             if args.pred_b else None)
 
     # 3. report
@@ -541,4 +586,57 @@ def _run(args: argparse.Namespace) -> int:
         if rows is not None:
             write_comparison_csv(out_dir / "comparison.csv", rows, name_a, name_b)
         print(f"\nresults written to {out_dir}")
+    return 0
+
+
+def _metric_keys(requested: Sequence[str] | None, default: Sequence[str]) -> tuple[str, ...]:
+    """``--metrics``, checked against the known metrics (the parser cannot import them without numpy)."""
+    if not requested:
+        return tuple(default)
+    unknown = [m for m in requested if m not in METRIC_KEYS]
+    if unknown:
+        raise ValueError(f"--metrics: unknown metric {', '.join(repr(m) for m in unknown)} (known: "
+                         f"{', '.join(METRIC_KEYS)})")
+    return tuple(dict.fromkeys(requested))
+
+
+def _alpha(args: argparse.Namespace) -> float:
+    alpha = getattr(args, "alpha", 0.05)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"--alpha must be in (0, 1), got {alpha}")
+    return alpha
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    """``--compare A.csv B.csv``: the ``--pred-b`` table from two per-image CSVs already written."""
+    alpha = _alpha(args)
+    keys = _metric_keys(getattr(args, "metrics", None), CSV_DEFAULT_METRICS)
+    name_a, name_b = args.names or ("A", "B")
+    path_a, path_b = (Path(p) for p in args.compare)
+    out_dir = check_output_dir(args.output_dir, ["comparison.csv"]) if args.output_dir else None
+    rows = compare_records_csv(path_a, path_b, keys, alpha=alpha, names=(name_a, name_b))
+    n = max((r["n"] for r in rows), default=0)
+    print(f"{name_a}: {path_a}\n{name_b}: {path_b}")
+    print(f"\n{name_b} vs {name_a}: paired two-sided Wilcoxon signed-rank test per metric ({n} images matched by "
+          f"name); SE = standard error of the mean difference over images; 'better' names a set only where "
+          f"p < {alpha:g}, n.s. otherwise")
+    print(format_comparison_table(rows, name_a, name_b))
+    if out_dir:
+        write_comparison_csv(out_dir / "comparison.csv", rows, name_a, name_b)
+        print(f"\nresults written to {out_dir / 'comparison.csv'}")
+    return 0
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    """``--summary CSV``: mean +- standard error over images per metric, overall and per organ group."""
+    keys = _metric_keys(getattr(args, "metrics", None), CSV_DEFAULT_METRICS)
+    path = Path(args.summary)
+    out_dir = check_output_dir(args.output_dir, ["summary.csv"]) if args.output_dir else None
+    records = read_records_csv(path, keys)
+    rows = summarize_mean_se(records, keys)
+    print(f"{path} ({len(records)} images): mean ± standard error over images (sample SD / sqrt(n))")
+    print(format_mean_se_table(rows, keys))
+    if out_dir:
+        write_mean_se_csv(out_dir / "summary.csv", rows, keys)
+        print(f"\nresults written to {out_dir / 'summary.csv'}")
     return 0

@@ -23,9 +23,14 @@ __all__ = [
     "HEADLINE_KEYS",
     "RECORD_INFO_KEYS",
     "flat_results",
+    "format_mean_se_table",
     "format_summary_table",
     "is_seen",
+    "mean_se",
+    "read_records_csv",
     "summarize",
+    "summarize_mean_se",
+    "write_mean_se_csv",
     "write_records_csv",
     "write_results_json",
 ]
@@ -165,3 +170,134 @@ def write_results_json(path: str | os.PathLike, records: Sequence[Mapping[str, A
     payload = {"settings": dict(settings or {}), "metric_keys": list(METRIC_KEYS), "summary": summary,
                "per_image": list(records)}
     return write_json_atomic(path, _json_safe(payload), indent=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading per-image CSVs back, and tile-to-tile noise (issue 24: "is the difference real?")
+# --------------------------------------------------------------------------------------------------------------------
+
+_SEEN_WORDS = {"true": True, "1": True, "yes": True, "seen": True,
+               "false": False, "0": False, "no": False, "unseen": False, "": None}
+
+
+def read_records_csv(path: str | os.PathLike, metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Per-image records ``{"image", "organ", "organ_seen", *metrics}`` from a per-image CSV, in file order.
+
+    Reads what :func:`write_records_csv` writes: NucleiEvaluator's ``nuclei_per_image.csv`` (``OUTPUT_DIR/inference/
+    <dataset>/``), ``tools/evaluate.py``'s ``per_image.csv``, ``benchmarks/ensemble.py``'s ``per_image/<row>.csv``;
+    or any hand-made CSV with an ``image`` column and the ``metrics`` columns (``organ`` and ``organ_seen`` are
+    optional). Plain text through the csv module: no code runs. ``nan`` or an empty cell is a missing value (NaN).
+
+    Raises:
+        ValueError naming the file (and the line): no ``image`` column, a metric column absent, a duplicate or empty
+        image name, a value that is not a number, no rows, or a file that is not UTF-8 text / not CSV.
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames
+            if not header:
+                raise ValueError(f"{path}: empty file; expected a per-image CSV with a header line")
+            header = [h.strip() for h in header]
+            reader.fieldnames = header
+            if "image" not in header:
+                raise ValueError(f"{path}: no 'image' column (columns: {', '.join(header[:8])}"
+                                 f"{' ...' if len(header) > 8 else ''}); expected a per-image CSV such as "
+                                 "nuclei_per_image.csv")
+            absent = [m for m in metrics if m not in header]
+            if absent:
+                raise ValueError(f"{path}: no column {', '.join(repr(m) for m in absent)} (it has "
+                                 f"{', '.join(h for h in header if h not in RECORD_INFO_KEYS)[:200]})")
+            records: list[dict[str, Any]] = []
+            lines: dict[str, int] = {}
+            for row in reader:
+                line = reader.line_num
+                name = (row.get("image") or "").strip()
+                if not name:
+                    raise ValueError(f"{path}: line {line}: empty image name")
+                if name in lines:
+                    raise ValueError(f"{path}: image {name!r} is listed twice (lines {lines[name]} and {line}); "
+                                     "a paired comparison needs one row per image")
+                lines[name] = line
+                seen = (row.get("organ_seen") or "").strip().lower()
+                if seen not in _SEEN_WORDS:
+                    raise ValueError(f"{path}: line {line}: organ_seen is {row['organ_seen']!r}; expected True, "
+                                     "False or empty")
+                rec: dict[str, Any] = {"image": name, "organ": (row.get("organ") or "").strip() or None,
+                                       "organ_seen": _SEEN_WORDS[seen]}
+                for m in metrics:
+                    cell = row.get(m)
+                    if cell is None:
+                        raise ValueError(f"{path}: line {line}: the row ends before column {m!r}")
+                    try:
+                        rec[m] = float(cell) if cell.strip() else math.nan
+                    except ValueError:
+                        raise ValueError(f"{path}: line {line}: {m} is {cell!r}, not a number") from None
+                records.append(rec)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a per-image CSV") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: not a readable CSV ({e})") from None
+    if not records:
+        raise ValueError(f"{path}: no image rows under the header")
+    return records
+
+
+def mean_se(values: Iterable[float]) -> tuple[float, float, int]:
+    """(mean, standard error of the mean, n) of the non-NaN values: SE = sample standard deviation / sqrt(n).
+
+    The SE is NaN for fewer than two values, the mean NaN for none.
+    """
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = math.fsum(vals) / n
+    if n < 2:
+        return mean, math.nan, n
+    var = math.fsum((v - mean) ** 2 for v in vals) / (n - 1)
+    return mean, math.sqrt(var / n), n
+
+
+def summarize_mean_se(records: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean and standard error over images per group: ``[{"group", "n_images", "mean": {k}, "se": {k}}, ...]``.
+
+    Groups as in :func:`format_summary_table`: ``all``, ``seen organs`` / ``unseen organs`` (when some image's
+    status is known), ``organ: <name>`` (sorted) when records have organs.
+    """
+    groups: list[tuple[str, list[Mapping[str, Any]]]] = [("all", list(records))]
+    for label, flag in (("seen organs", True), ("unseen organs", False)):
+        members = [r for r in records if r.get("organ_seen") is flag]
+        if members:
+            groups.append((label, members))
+    for organ in sorted({str(r["organ"]) for r in records if r.get("organ") not in (None, "")}):
+        groups.append((f"organ: {organ}", [r for r in records if str(r.get("organ")) == organ]))
+    out = []
+    for label, members in groups:
+        stats = {k: mean_se(r[k] for r in members) for k in keys}
+        out.append({"group": label, "n_images": len(members), "mean": {k: v[0] for k, v in stats.items()},
+                    "se": {k: v[1] for k, v in stats.items()}})
+    return out
+
+
+def format_mean_se_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
+    """Text table of :func:`summarize_mean_se`: one row per group, ``mean ± SE`` per metric."""
+    from tabulate import tabulate
+
+    body = [[r["group"], r["n_images"], *[f"{_fmt(r['mean'][k])} ± {_fmt(r['se'][k])}" for k in keys]] for r in rows]
+    return tabulate(body, headers=["group", "images", *keys], tablefmt="pipe", disable_numparse=True)
+
+
+def write_mean_se_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> Path:
+    """``summary.csv`` (written atomically): group, n_images, then ``<metric>`` and ``<metric>_se`` per metric."""
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["group", "n_images", *[c for k in keys for c in (k, f"{k}_se")]])
+            for r in rows:
+                w.writerow([r["group"], r["n_images"],
+                            *[_csv_value(v) for k in keys for v in (r["mean"][k], r["se"][k])]])
+
+    return atomic_write(path, _write)
