@@ -128,9 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", choices=MERGE_CHOICES, default="auto",
                    help="TEST.MERGE.MODE of the ensembles (default auto: probs when every member is a dense model "
                         "with the same maps, else instances)")
-    p.add_argument("--min-votes", type=int, default=None,
+    p.add_argument("--min-votes", type=int, nargs="+", default=None,
                    help="instances merge: keep a nucleus predicted by at least N of the members x copies (default: "
-                        "the first member's TEST.MERGE.MIN_VOTES)")
+                        "the first member's TEST.MERGE.MIN_VOTES); several values give one row per value per "
+                        "ensemble, from the same cached predictions (to choose N on a training split)")
     p.add_argument("--iou", type=float, default=None,
                    help="instances merge: mask IoU from which two predictions are one nucleus (default: the first "
                         "member's TEST.MERGE.IOU_THRESHOLD)")
@@ -151,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dup:
             raise ValueError(f"--member: the name(s) {dup} are given twice")
         ensembles = parse_ensembles(args.ensembles, names)
-        if args.min_votes is not None and args.min_votes < 1:
-            raise ValueError(f"--min-votes must be >= 1, got {args.min_votes}")
+        if args.min_votes is not None and min(args.min_votes) < 1:
+            raise ValueError(f"--min-votes must be >= 1, got {min(args.min_votes)}")
         if args.iou is not None and not 0.0 < args.iou <= 1.0:
             raise ValueError(f"--iou must be in (0, 1], got {args.iou}")
         if args.max_images < 0:
@@ -388,7 +389,7 @@ def alone_row(member: Member, cache: PredictionCache) -> Row:
 
 
 def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_votes: int | None,
-                 iou: float | None, dataset: str, opts: Sequence[str], tta_off: bool) -> Row:
+                 iou: float | None, dataset: str, opts: Sequence[str], tta_off: bool, label_votes: bool = False) -> Row:
     """An ensemble as build_test_time_wrapper builds it with the first member's config as the main one, except that
     the inputs carry every channel a member needs (so any member may come first)."""
     from nuclei_d2.config import RGB, input_channel_names
@@ -417,7 +418,7 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
     mm = cfg.TEST.MERGE
     min_votes = int(mm.MIN_VOTES if min_votes is None else min_votes)
     iou = float(mm.IOU_THRESHOLD if iou is None else iou)
-    label = "+".join(m.name for m in members)
+    label = "+".join(m.name for m in members) + (f"@votes{min_votes}" if label_votes else "")
     try:
         w = cached_wrapper_class()(wrapped, transforms, iou_threshold=iou, min_votes=min_votes,
                                    mask_threshold=mm.MASK_THRESHOLD, soft_masks=mm.SOFT_MASKS, extra_channels=extra,
@@ -583,8 +584,9 @@ def run(args: argparse.Namespace, specs: list[tuple[str, str, str]], ensembles: 
             raise ValueError(f"--dataset {args.dataset}: no images")
         cache = PredictionCache()
         rows = [alone_row(m, cache) for m in members.values()]
-        rows += [ensemble_row([members[n] for n in e], cache, args.merge, args.min_votes, args.iou, args.dataset,
-                              args.opts, args.tta_off) for e in ensembles]
+        votes = args.min_votes or [None]
+        rows += [ensemble_row([members[n] for n in e], cache, args.merge, v, args.iou, args.dataset, args.opts,
+                              args.tta_off, label_votes=len(votes) > 1) for e in ensembles for v in votes]
     except (ConfigError, DatasetLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -99,19 +99,20 @@ def test_alone_and_ensemble_rows_and_the_cache_match_train_nets_ensemble(runs, t
         "--member", f"rcnn={runs['rcnn']}",
         "--member", f"nb={runs['nb'] / 'config.yaml'}:{runs['nb'] / 'model_final.pth'}",
         "--member", f"ts={runs['ts']}",
-        "--dataset", "nuclei_synth_test", "--ensembles", "rcnn+nb", "nb+ts", "--min-votes", "1",
+        "--dataset", "nuclei_synth_test", "--ensembles", "rcnn+nb", "nb+ts", "--min-votes", "1", "2",
         "--output-dir", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0
     table = read_csv(out / "table.csv")
-    assert [r["row"] for r in table] == ["rcnn", "nb", "ts", "rcnn+nb", "nb+ts"]
-    assert [r["kind"] for r in table] == ["member"] * 3 + ["ensemble"] * 2
-    assert [r["predictions_per_image"] for r in table] == ["1", "1", "2", "2", "2"]
-    assert [r["merge"] for r in table[3:]] == ["instances", "instances"]  # auto: an R-CNN / different dense maps
+    ens = ["rcnn+nb@votes1", "rcnn+nb@votes2", "nb+ts@votes1", "nb+ts@votes2"]  # one row per --min-votes value
+    assert [r["row"] for r in table] == ["rcnn", "nb", "ts", *ens]
+    assert [r["kind"] for r in table] == ["member"] * 3 + ["ensemble"] * 4
+    assert [r["predictions_per_image"] for r in table] == ["1", "1", "2", "2", "2", "2", "2"]
+    assert [r["merge"] for r in table[3:]] == ["instances"] * 4  # auto: an R-CNN / different dense maps
     for r in table:
         assert r["n_images"] == "2" and 0.0 <= float(r["AJI"]) <= 1.0 and float(r["s_per_tile"]) > 0
         assert (r["p_vs_best_member"] != "") == (r["kind"] == "ensemble")
-    for name in ("rcnn", "nb", "ts", "rcnn+nb", "nb+ts"):
+    for name in ("rcnn", "nb", "ts", *ens):
         assert f"| {name} " in printed
     summary = json.loads((out / "summary.json").read_text())
     assert [r["row"] for r in summary["rows"]] == [r["row"] for r in table]
@@ -124,9 +125,9 @@ def test_alone_and_ensemble_rows_and_the_cache_match_train_nets_ensemble(runs, t
         assert_same_metrics(read_csv(out / "per_image" / f"{name}.csv"),
                             reference_per_image(tmp_path, runs, [name], merge, 2))
     # ... and ensemble rows, built from the cached member predictions, what it gives with TEST.ENSEMBLE
-    for members in (["rcnn", "nb"], ["nb", "ts"]):
-        want = reference_per_image(tmp_path, runs, members, "auto", 1)
-        assert_same_metrics(read_csv(out / "per_image" / f"{'+'.join(members)}.csv"), want)
+    for members, votes in ((["rcnn", "nb"], 1), (["nb", "ts"], 1), (["rcnn", "nb"], 2)):
+        want = reference_per_image(tmp_path, runs, members, "auto", votes)
+        assert_same_metrics(read_csv(out / "per_image" / f"{'+'.join(members)}@votes{votes}.csv"), want)
 
 
 def test_shared_maps_ensembles_of_two_methods_match_train_nets_ensemble(runs, tmp_path):
