@@ -281,6 +281,18 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.EMA.DECAY = 0.999
     # Update n (from 0) uses min(DECAY, (1 + n) / (10 + n)): the initial weights do not dominate a short run's average.
     cfg.SOLVER.EMA.WARMUP = True
+    # torch.compile of the dense networks inside the training step (nuclei_d2/engine/compile.py): a dense method's
+    # networks (U-Nets, BRP-Net's TAFE / refinement nets), an R-CNN's backbone + FPN; RPN and RoI heads (data-dependent
+    # control flow) stay eager, and so do evaluation and inference. Checkpoints are unchanged (same state_dict keys).
+    # The first steps pay the compilation (seconds to minutes on a CPU; inductor needs a C++ compiler); a failure
+    # logs one warning and training continues eager. Works with SOLVER.AMP and MODEL.CHANNELS_LAST.
+    cfg.SOLVER.COMPILE = CN()
+    cfg.SOLVER.COMPILE.ENABLED = False
+    # torch.compile's mode: "default", "reduce-overhead" or "max-autotune-no-cudagraphs" (longer compilation).
+    cfg.SOLVER.COMPILE.MODE = "default"
+    # Input shapes: "auto" (torch's default: static, recompiled as dynamic once a shape changes, e.g. BRP-Net stage 2's
+    # proposal count), "static" (a recompilation per new shape) or "dynamic" (symbolic shapes from the start).
+    cfg.SOLVER.COMPILE.DYNAMIC = "auto"
 
 
 def _add_test_config(cfg: CN) -> None:

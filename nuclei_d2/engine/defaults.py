@@ -311,6 +311,9 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
         from .ema import check_ema_config
 
         check_ema_config(cfg)  # SOLVER.EMA.DECAY, before any process starts
+        from .compile import check_compile_config
+
+        check_compile_config(cfg)  # SOLVER.COMPILE.MODE / DYNAMIC
     check_datasets(cfg.DATASETS.TEST, "DATASETS.TEST", prepared=check_data)
     if freeze:
         cfg.freeze()

@@ -90,6 +90,10 @@ class NucleiTrainer(DefaultTrainer):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         model = self.build_model(cfg)
+        if cfg.SOLVER.COMPILE.ENABLED:  # the dense networks, in place, for the training steps only (eval stays eager)
+            from .compile import compile_for_training
+
+            compile_for_training(model, cfg.SOLVER.COMPILE.MODE, cfg.SOLVER.COMPILE.DYNAMIC)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         on_cpu = next(model.parameters()).device.type == "cpu"
