@@ -140,18 +140,22 @@ class _TrainingForward:
                 out = self.compiled(*args, **kwargs)
             self.compiled_calls += 1
             return out
-        except Exception as exc:  # noqa: BLE001  (any compiler error: re-run eagerly, which raises real errors)
-            out = eager(*args, **kwargs)  # a genuine error (bad input shape, ...) raises here, not as a warning
+        except Exception as exc:  # any compiler error: re-run eagerly (graph-broken parts that ran may have
+            # updated BatchNorm statistics once more, once); a genuine error (bad input shape, ...) raises here
+            out = eager(*args, **kwargs)
             self.state.give_up(self.name, exc)
             return out
 
 
 def _lower_backward_now() -> contextlib.AbstractContextManager:
     """Compile the backward graph with the forward, so a failure there is caught by the dispatcher."""
-    cfg = getattr(torch, "_functorch", None) and torch._functorch.config
-    if cfg is not None and hasattr(cfg, "force_non_lazy_backward_lowering"):
-        return cfg.patch(force_non_lazy_backward_lowering=True)
-    return contextlib.nullcontext()
+    try:
+        from torch._functorch import config as functorch_config
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(functorch_config, "force_non_lazy_backward_lowering"):  # a private switch of recent torch
+        return contextlib.nullcontext()
+    return functorch_config.patch(force_non_lazy_backward_lowering=True)
 
 
 def compile_for_training(model: nn.Module, mode: str = "default", dynamic: str = "auto") -> TrainingCompilation:
@@ -165,7 +169,7 @@ def compile_for_training(model: nn.Module, mode: str = "default", dynamic: str =
     for name, module in compile_targets(model):
         try:
             compiled = torch.compile(type(module).forward.__get__(module), **kwargs)
-        except Exception as exc:  # noqa: BLE001  (torch.compile unavailable or refusing: train eager)
+        except Exception as exc:  # torch.compile unavailable or refusing: train eager
             state.give_up(name, exc)
             state.remove()
             break
