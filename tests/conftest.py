@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import getpass
 import os
 import shutil
 import sys
@@ -13,6 +14,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+
+# torch.compile's inductor caches (160+ MB after tests/test_compile.py) go to a folder of this session, removed at exit:
+# set before anything imports torch, which reads the location once.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="nuclei-d2-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
+# Its C++ precompiled headers ignore that variable and go to <temp dir>/torchinductor_<user>: removed too when this
+# session created the folder.
+try:
+    _user = getpass.getuser()
+except (KeyError, OSError):
+    _user = f"uid_{os.getuid()}"
+_inductor_default = Path(tempfile.gettempdir()) / f"torchinductor_{_user}"
+if not _inductor_default.exists():
+    atexit.register(shutil.rmtree, _inductor_default, ignore_errors=True)
 
 
 def shared_data_root() -> Path:
