@@ -20,35 +20,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from detectron2.data import DatasetCatalog
-from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
-import nuclei_d2  # noqa: F401  (registers the datasets)
-from nuclei_d2.data.mapper import NucleiDatasetMapper
+from training_step import config_path, real_batch, step_seconds  # noqa: E402  (benchmarks/)
+
 from nuclei_d2.engine import RANDOM_INIT_OPTS, setup_cfg
 from nuclei_d2.engine.compile import COMPILE_MODES, DYNAMIC_SHAPES, compile_for_training
 from nuclei_d2.modeling import build_nuclei_model
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def step_seconds(model, optimizer, batch, iters: int, bf16: bool) -> float:
-    with EventStorage():
-        start = time.perf_counter()
-        for _ in range(iters):
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                losses = model(batch)
-            sum(v.float() for v in losses.values()).backward()
-            optimizer.step()
-    return (time.perf_counter() - start) / iters
 
 
 def _ratio(a: float, b: float) -> str:
@@ -68,15 +51,12 @@ def main() -> None:
     args = p.parse_args()
     rows, failures = [], []
     for name in args.configs:
-        path = Path(name) if Path(name).exists() else CONFIGS / name
+        path = config_path(name)
         cfg = setup_cfg(str(path), ["MODEL.DEVICE", "cpu", *RANDOM_INIT_OPTS, *args.opts])
         torch.manual_seed(0)
         model = build_nuclei_model(cfg).train()
         optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
-        mapper = NucleiDatasetMapper(cfg, is_train=True)
-        dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
-        batch = [b for b in (mapper(d) for d in dicts[: 2 * cfg.SOLVER.IMS_PER_BATCH]) if b is not None]
-        batch = batch[: cfg.SOLVER.IMS_PER_BATCH]
+        batch = real_batch(cfg)
         state = compile_for_training(model, args.mode, args.dynamic)
         variants = [(c, bf16) for c in (False, True) for bf16 in (False, True)]
         times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}

@@ -15,31 +15,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from detectron2.data import DatasetCatalog
-from detectron2.utils.events import EventStorage
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuclei_d2, whatever the venv has installed
 
-import nuclei_d2  # noqa: F401  (registers the datasets)
-from nuclei_d2.data.mapper import NucleiDatasetMapper
+from training_step import config_path, real_batch, step_seconds  # noqa: E402  (benchmarks/)
+
 from nuclei_d2.engine import RANDOM_INIT_OPTS, setup_cfg
 from nuclei_d2.modeling import build_nuclei_model, to_memory_format
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def step_seconds(model, batch, iters: int) -> float:
-    with EventStorage():
-        start = time.perf_counter()
-        for _ in range(iters):
-            model.zero_grad(set_to_none=True)
-            sum(model(batch).values()).backward()
-    return (time.perf_counter() - start) / iters
 
 
 def main() -> None:
@@ -51,20 +37,17 @@ def main() -> None:
     args = p.parse_args()
     rows = []
     for name in args.configs:
-        path = Path(name) if Path(name).exists() else CONFIGS / name
+        path = config_path(name)
         cfg = setup_cfg(str(path), ["MODEL.DEVICE", "cpu", *RANDOM_INIT_OPTS])
         torch.manual_seed(0)
         model = build_nuclei_model(cfg).train()
-        mapper = NucleiDatasetMapper(cfg, is_train=True)
-        dicts = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])
-        batch = [b for b in (mapper(d) for d in dicts[: 2 * cfg.SOLVER.IMS_PER_BATCH]) if b is not None]
-        batch = batch[: cfg.SOLVER.IMS_PER_BATCH]
+        batch = real_batch(cfg)
         times: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(args.repeats):
             for channels_last in (False, True):
                 to_memory_format(model, channels_last)
-                step_seconds(model, batch, 1)  # warm-up: oneDNN picks kernels for the layout
-                times[channels_last].append(step_seconds(model, batch, args.iters))
+                step_seconds(model, None, batch, 1)  # warm-up: oneDNN picks kernels for the layout
+                times[channels_last].append(step_seconds(model, None, batch, args.iters))
         nchw, nhwc = statistics.median(times[False]), statistics.median(times[True])
         rows.append([path.name, len(batch), f"{nchw:.3f}", f"{nhwc:.3f}", f"{nchw / nhwc:.2f}x"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
