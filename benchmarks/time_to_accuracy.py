@@ -9,10 +9,13 @@ Run by hand (not a test), e.g.
     python benchmarks/time_to_accuracy.py --config-file configs/nb_unet-cpu.yaml --minutes 30 --eval-every 10 \\
         --output-dir runs/tta/nb_unet DATASETS.TEST "('kumar_test',)"
 
-The clock counts training only: it is paused while evaluating. Training stops at ``--minutes`` (or at
-``SOLVER.MAX_ITER``, whichever comes first), and the model is evaluated on ``DATASETS.TEST`` (the Kumar test split in
-the ``*-cpu.yaml`` configs) every ``--eval-every`` minutes and at the end. Methods that need a model trained
-beforehand (Mask R-CNN+'s distance U-Net, the two-stage U-Net's stage 1) pass its training time with
+The clock is the trainer's (``SOLVER.TIME_BUDGET.MINUTES``, set to ``--minutes``; nuclei_d2/engine/time_budget.py):
+it counts training steps only, not evaluation or checkpoint writing, and the learning-rate schedule runs on it, so a
+cosine decay completes within the budget however slow the machine (``SOLVER.TIME_BUDGET.LR_ON_CLOCK False``: the
+schedule runs over ``SOLVER.MAX_ITER`` iterations, as in the runs made before that key existed). Training stops at
+``--minutes`` (or at ``SOLVER.MAX_ITER``, whichever comes first), and the model is evaluated on ``DATASETS.TEST``
+(the Kumar test split in the ``*-cpu.yaml`` configs) every ``--eval-every`` minutes and at the end. Methods that need
+a model trained beforehand (Mask R-CNN+'s distance U-Net, the two-stage U-Net's stage 1) pass its training time with
 ``--prior-minutes``; it is added to every point of the curve.
 
 Writes to ``--output-dir``: ``curve.csv`` (minutes, iteration, AJI, PQ, Dice1, F1 and their same-organ / new-organ
@@ -44,10 +47,6 @@ COLUMNS = ["minutes", "iteration", *KEYS, *(f"{k}-seen" for k in KEYS), *(f"{k}-
            "eval_seconds", "inference_s_per_tile"]
 
 
-class BudgetReached(Exception):
-    """Raised from a hook to end training when the wall-clock budget is spent."""
-
-
 def _flat(results: dict) -> dict:
     nuclei = results.get("nuclei", results)
     return {k: float(nuclei[k]) for k in nuclei if isinstance(nuclei[k], int | float)}
@@ -66,50 +65,43 @@ def evaluate(cfg, model) -> tuple[dict, float, float]:
     return _flat(results), seconds, seconds / max(n, 1)
 
 
-def make_hook(points: list[float], budget: float, prior: float, on_point):
+def make_hook(points: list[float], prior: float, on_point):
     from detectron2.engine import HookBase
 
-    class WallClockEvalHook(HookBase):
-        """Evaluate at fixed training minutes (clock paused while evaluating); stop at the budget."""
+    class EvalPointsHook(HookBase):
+        """Evaluate at fixed minutes of the trainer's training clock (SOLVER.TIME_BUDGET) and after training.
+
+        Registered last, so its evaluations run after the step was timed: they do not count as training minutes.
+        """
 
         def before_train(self):
-            self.start = time.perf_counter()
-            self.paused = 0.0
+            self.clock = self.trainer.training_clock
             self.next = 0
             self.last_iter = -1
 
         def minutes(self) -> float:
-            return (time.perf_counter() - self.start - self.paused) / 60 + prior
+            return self.clock.minutes() + prior
 
-        def _point(self):
-            t = time.perf_counter()
-            on_point(self.minutes(), self.trainer.iter + 1, self.trainer.model)
-            self.paused += time.perf_counter() - t
-            self.last_iter = self.trainer.iter
+        def _point(self, last: int):
+            on_point(self.minutes(), last + 1, self.trainer.model)
+            self.last_iter = last
 
         def after_step(self):
+            if self.trainer.iter + 1 >= self.trainer.max_iter:
+                return  # the last step: after_train evaluates it
             m = self.minutes()
-            if m >= budget:
-                self._point()
-                # The model the last point measured, for tuning or predicting (MAX_ITER saves its own).
-                self.trainer.checkpointer.save("model_final", iteration=self.trainer.iter)
-                from nuclei_d2.engine.ema import ema_hook_of
-
-                ema = ema_hook_of(self.trainer)
-                if ema is not None:  # SOLVER.EMA: the averaged weights beside it, model_ema_final.pth
-                    ema.save_final()
-                raise BudgetReached(f"{budget:g} minutes of training reached at iteration {self.trainer.iter + 1}")
             if self.next < len(points) and m >= points[self.next]:
                 while self.next < len(points) and m >= points[self.next]:
                     self.next += 1
-                self._point()
+                self._point(self.trainer.iter)
 
         def after_train(self):
-            # Training ended at SOLVER.MAX_ITER before the budget: evaluate the final model.
-            if self.last_iter != self.trainer.iter and self.trainer.iter + 1 >= self.trainer.max_iter:
-                self._point()
+            # The budget was spent or SOLVER.MAX_ITER reached (not an exception): evaluate the final model.
+            last = self.trainer.iter - 1
+            if self.trainer.iter >= self.trainer.max_iter and self.last_iter != last:
+                self._point(last)
 
-    return WallClockEvalHook()
+    return EvalPointsHook()
 
 
 def minutes_to_reach(rows: list[dict], key: str, target: float) -> float | None:
@@ -176,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logger(str(out / "log.txt"), name="nuclei_d2")
     log = logging.getLogger("nuclei_d2")
     try:
-        cfg = setup_cfg(args.config_file, ["OUTPUT_DIR", str(out / "train"), *args.opts])
+        cfg = setup_cfg(args.config_file, ["OUTPUT_DIR", str(out / "train"), *args.opts,
+                                           "SOLVER.TIME_BUDGET.MINUTES", str(args.minutes)])
         floor_cfg = None
         if args.floor_config:
             floor_cfg = setup_cfg(args.floor_config, ["OUTPUT_DIR", str(out / "floor"), "DATASETS.TEST",
@@ -230,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ema_cfg.defrost()
     ema_cfg.OUTPUT_DIR = str(out / "train" / "ema")
     ema_cfg.freeze()
-    trainer.register_hooks([make_hook(points, args.minutes + args.prior_minutes, args.prior_minutes, on_point)])
+    from detectron2.engine import hooks as d2_hooks
+
+    # The evaluations are this script's (at its points, EMA included): Detectron2's EvalHooks (TEST.EVAL_PERIOD and
+    # the one after training) would repeat the last one.
+    trainer._hooks = [h for h in trainer._hooks if not isinstance(h, d2_hooks.EvalHook)]
+    trainer.register_hooks([make_hook(points, args.prior_minutes, on_point)])
     trainer.resume_or_load(resume=False)
-    try:
-        trainer.train()
-    except BudgetReached as e:
-        log.info("%s", e)
+    trainer.train()
 
     if not rows:
         print("error: no evaluation point was reached", file=sys.stderr)

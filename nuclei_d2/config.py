@@ -293,6 +293,15 @@ def _add_solver_config(cfg: CN) -> None:
     # Input shapes: "auto" (torch's default: static, recompiled as dynamic once a shape changes, e.g. BRP-Net stage 2's
     # proposal count), "static" (a recompilation per new shape) or "dynamic" (symbolic shapes from the start).
     cfg.SOLVER.COMPILE.DYNAMIC = "auto"
+    # Train for minutes instead of iterations (nuclei_d2/engine/time_budget.py): > 0 runs the learning-rate schedule
+    # (warm-up and decay) on a clock of training time (steps only, not checkpoints or evaluation) and ends training
+    # when it reaches MINUTES, writing model_final.pth as at MAX_ITER. SOLVER.MAX_ITER is then an upper bound, and
+    # warm-up lasts WARMUP_ITERS / MAX_ITER of the budget, so set MAX_ITER near the iterations the budget holds.
+    # Checkpoints carry the clock (--resume continues it). 0 = off (MAX_ITER iterations).
+    cfg.SOLVER.TIME_BUDGET = CN()
+    cfg.SOLVER.TIME_BUDGET.MINUTES = 0.0
+    # False: only the stop; the schedule still runs over MAX_ITER iterations (how runs were budgeted before).
+    cfg.SOLVER.TIME_BUDGET.LR_ON_CLOCK = True
 
 
 def _add_test_config(cfg: CN) -> None:

@@ -67,11 +67,16 @@ def resolve_dist_url(args: argparse.Namespace) -> argparse.Namespace:
 
 def setup(args):
     from detectron2.engine import default_setup
+    from detectron2.utils import comm
+    from detectron2.utils.logger import setup_logger
 
     from nuclei_d2.engine import setup_cfg
 
     cfg = setup_cfg(args.config_file, args.opts, resume=args.resume, eval_only=args.eval_only, check_data=True)
     default_setup(cfg, args)
+    # nuclei_d2's own messages (time budget, EMA, compile, ...) to the console and OUTPUT_DIR/log.txt, as
+    # Detectron2 projects do for theirs
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nuclei_d2")
     return cfg
 
 

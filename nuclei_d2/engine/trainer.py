@@ -14,11 +14,13 @@ from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, DatasetEvaluators
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
+from detectron2.utils.events import EventStorage
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import NucleiCheckpointer
 from ..data.mapper import NucleiDatasetMapper
 from .autocast import build_train_loop
+from .time_budget import TimeBudgetHook, TrainingClock, build_time_budget
 
 __all__ = ["NucleiTrainer", "build_nuclei_evaluators", "build_optimizer", "write_config"]
 
@@ -102,6 +104,11 @@ class NucleiTrainer(DefaultTrainer):
                                  **({"device_ids": None} if on_cpu else {}))
         self._trainer = build_train_loop(cfg, model, data_loader, optimizer)  # SOLVER.AMP: bf16 autocast on CPU
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # SOLVER.TIME_BUDGET: the schedule runs on a training clock, and training ends when it is spent
+        budget = build_time_budget(cfg, self.scheduler)
+        self.training_clock: TrainingClock | None = None
+        if budget is not None:
+            self.training_clock, self.scheduler = budget
         # weights_only loading and the fit check (nuclei_d2/checkpoint.py); config_file is named in its errors
         self.checkpointer = NucleiCheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR, config_file=config_file,
                                                            trainer=weakref.proxy(self))
@@ -158,11 +165,43 @@ class NucleiTrainer(DefaultTrainer):
         staged = build_staged_schedule_hook(self.cfg)
         if staged is not None:
             hooks.insert(1, staged)  # after the iteration timer, before LR scheduling, checkpoints and writers
+        if self.training_clock is not None:  # times the step only; the next LR is set from it
+            hooks.insert(1, TimeBudgetHook(self.training_clock))
         # SOLVER.EMA: average the weights after each step, before the checkpointer (which saves the average) and
         # evaluation (which then also runs on the average)
         from .ema import add_ema_hooks
 
         return add_ema_hooks(self, hooks)
+
+    def train(self):
+        """``DefaultTrainer.train``, with Detectron2's loop also ending when a hook lowers ``self.max_iter``.
+
+        ``TrainerBase.train`` iterates over a fixed ``range``; :class:`TimeBudgetHook` (``SOLVER.TIME_BUDGET``) needs
+        to end training early and still run the end-of-training hooks (final checkpoint and evaluation).
+        """
+        loop_logger = logging.getLogger("detectron2.engine.train_loop")  # the messages of Detectron2's loop, as there
+        loop_logger.info("Starting training from iteration %d", self.start_iter)
+        self.iter = self.start_iter
+        with EventStorage(self.start_iter) as self.storage:
+            try:
+                self.before_train()
+                while self.iter < self.max_iter:
+                    self.before_step()
+                    self.run_step()
+                    self.after_step()
+                    self.iter += 1  # == max_iter at the end, as Detectron2's loop leaves it
+            except Exception:
+                loop_logger.exception("Exception during training:")
+                raise
+            finally:
+                self.after_train()
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            from detectron2.evaluation import verify_results
+
+            assert hasattr(self, "_last_eval_results"), "No evaluation results obtained during training!"
+            verify_results(self.cfg, self._last_eval_results)
+            return self._last_eval_results
+        return None
 
     @classmethod
     def test(cls, cfg, model, evaluators=None) -> OrderedDict[str, Any]:
