@@ -32,7 +32,8 @@ test tiles); nuclei are kept as crops (megabytes).
 Columns: AJI, PQ, Dice1, F1 (means over images), AJI on organs seen / not seen in training, the standard error of the
 mean AJI over images, seconds per tile of inference (model passes, test-time copies, merging and post-processing; not
 reading the image or scoring it; an ensemble row counts the passes of its members even when they came from the
-memory), and for an ensemble the two-sided Wilcoxon signed-rank p-value of its per-image AJI against its best member
+memory), training minutes (``--train-minutes NAME=MINUTES`` with all of a member's stages, else what its
+checkpoint's ``SOLVER.TIME_BUDGET`` clock counted; an ensemble row sums its members'), and for an ensemble the two-sided Wilcoxon signed-rank p-value of its per-image AJI against its best member
 alone (nuclei_d2.evaluation.offline.compare_predictions, as ``tools/evaluate.py --pred-b``). The object-level
 Hausdorff distance is not computed.
 
@@ -63,7 +64,7 @@ MERGE_CHOICES = ("auto", "probs", "shared", "instances")
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 RUN_CONFIG, RUN_WEIGHTS = "config.yaml", "model_final.pth"
 COLUMNS = ["row", "members", "kind", "merge", "predictions_per_image", "n_images", "AJI", "AJI_se", "PQ", "Dice1",
-           "F1", "AJI_same_organ", "AJI_new_organ", "s_per_tile", "best_member", "p_vs_best_member"]
+           "F1", "AJI_same_organ", "AJI_new_organ", "s_per_tile", "train_minutes", "best_member", "p_vs_best_member"]
 
 logger = logging.getLogger("benchmarks.ensemble")
 
@@ -86,6 +87,23 @@ def parse_member(text: str) -> tuple[str, str, str]:
         raise ValueError(f"--member {text!r}: no weights after the config: NAME=CONFIG.yaml:WEIGHTS")
     raise ValueError(f"--member {text!r}: {rest} is not a run folder (with {RUN_CONFIG} and {RUN_WEIGHTS}) and not "
                      "CONFIG.yaml:WEIGHTS")
+
+
+def parse_train_minutes(items: Sequence[str] | None, names: Sequence[str]) -> dict[str, float]:
+    """``--train-minutes NAME=MINUTES ...`` -> {name: minutes}; ValueError for an unknown name or a bad number."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or name not in names:
+            raise ValueError(f"--train-minutes {item!r}: expected NAME=MINUTES with NAME one of {list(names)}")
+        try:
+            minutes = float(value)
+        except ValueError:
+            minutes = -1.0
+        if not minutes >= 0:
+            raise ValueError(f"--train-minutes {item!r}: the minutes must be a number >= 0")
+        out[name] = minutes
+    return out
 
 
 def parse_ensembles(items: Sequence[str] | None, names: Sequence[str]) -> list[list[str]]:
@@ -138,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-off", action="store_true", help="no test-time augmentation for any row (TEST.AUG.ENABLED "
                                                           "False)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0 = all)")
+    p.add_argument("--train-minutes", nargs="+", metavar="NAME=MINUTES",
+                   help="training minutes of a member, all its stages (e.g. a two-stage U-Net's two); an ensemble "
+                        "row sums its members'. Default: the minutes its checkpoint's training clock counted "
+                        "(SOLVER.TIME_BUDGET; that stage only), else unknown")
     p.add_argument("--output-dir", required=True, help="folder for table.csv, summary.json and per_image/")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... applied to every member")
     return p
@@ -152,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dup:
             raise ValueError(f"--member: the name(s) {dup} are given twice")
         ensembles = parse_ensembles(args.ensembles, names)
+        args.train_minutes = parse_train_minutes(args.train_minutes, names)
         if args.min_votes is not None and min(args.min_votes) < 1:
             raise ValueError(f"--min-votes must be >= 1, got {min(args.min_votes)}")
         if args.iou is not None and not 0.0 < args.iou <= 1.0:
@@ -288,12 +311,20 @@ class Member:
         try:
             self.cfg = setup_cfg(config, overrides, eval_only=True)
             self.model = build_nuclei_model(self.cfg)
-            NucleiCheckpointer.from_config(self.model, self.cfg, config_file=config).load(weights)
+            rest = NucleiCheckpointer.from_config(self.model, self.cfg, config_file=config).load(weights)
         except (ConfigError, ValueError) as e:  # ValueError: a config the model cannot be built from
             raise ConfigError(f"{where}: {e}") from None
+        self.train_minutes = checkpoint_train_minutes(rest)
         self.model.eval()
         self.view = input_view(self.cfg)
         logger.info("member %s: %s (%s, weights %s)", name, type(self.model).__name__, config, weights)
+
+
+def checkpoint_train_minutes(checkpoint: dict[str, Any]) -> float:
+    """Minutes of training a checkpoint's SOLVER.TIME_BUDGET clock counted (its trainer state), NaN if none."""
+    hooks = (checkpoint.get("trainer") or {}).get("hooks") or {}
+    seconds = (hooks.get("TimeBudgetHook") or {}).get("seconds")
+    return float(seconds) / 60.0 if isinstance(seconds, int | float) else math.nan
 
 
 def _is_plain_nuclei_rcnn(model: Any) -> bool:
@@ -317,6 +348,7 @@ class Row:
         self.name, self.members, self.kind, self.cfg = name, members, kind, cfg
         self.predict, self.merge, self.predictions, self.transforms = predict, merge, predictions, transforms
         self.command, self.min_votes, self.iou = command, min_votes, iou
+        self.train_minutes = math.nan  # the member's, or the sum of the ensemble's members' (NaN if one is unknown)
         self.result: dict[str, Any] = {}
         self.records: list[dict[str, Any]] = []
 
@@ -472,7 +504,7 @@ def evaluate_row(row: Row, dataset: str, dicts: list[dict[str, Any]], index: int
         "AJI": float(flat["AJI"]), "AJI_se": se, "PQ": float(flat["PQ"]), "Dice1": float(flat["Dice1"]),
         "F1": float(flat["F1"]), "AJI_same_organ": float(flat.get("AJI-seen", math.nan)),
         "AJI_new_organ": float(flat.get("AJI-unseen", math.nan)),
-        "s_per_tile": float(np.mean(seconds)) if seconds else math.nan,
+        "s_per_tile": float(np.mean(seconds)) if seconds else math.nan, "train_minutes": row.train_minutes,
         "best_member": "", "p_vs_best_member": math.nan, "metrics": dict(flat), "transforms": row.transforms,
     }
     logger.info("row %d/%d %s: AJI %.4f +- %.4f, PQ %.4f, %.2f s/tile", index, total, row.name, row.result["AJI"],
@@ -503,7 +535,7 @@ def format_table(rows: list[Row]) -> str:
     from tabulate import tabulate
 
     headers = ["row", "members x copies, merge", "AJI", "± SE", "PQ", "Dice1", "F1", "AJI same organ",
-               "AJI new organ", "s/tile", "p vs best member"]
+               "AJI new organ", "s/tile", "training min", "p vs best member"]
     lines = []
     for r in rows:
         x = r.result
@@ -512,7 +544,8 @@ def format_table(rows: list[Row]) -> str:
         how = f"{len(r.members)} x {copies} cop{'y' if copies == 1 else 'ies'}" + (
             f", {r.merge}" if r.merge != "-" else "")
         lines.append([r.name, how, _fmt(x["AJI"]), _fmt(x["AJI_se"]), _fmt(x["PQ"]), _fmt(x["Dice1"]), _fmt(x["F1"]),
-                      _fmt(x["AJI_same_organ"]), _fmt(x["AJI_new_organ"]), _fmt(x["s_per_tile"], 2), p])
+                      _fmt(x["AJI_same_organ"]), _fmt(x["AJI_new_organ"]), _fmt(x["s_per_tile"], 2),
+                      _fmt(x["train_minutes"], 1), p])
     return tabulate(lines, headers=headers, tablefmt="pipe", disable_numparse=True)
 
 
@@ -538,8 +571,8 @@ def write_outputs(out: Path, rows: list[Row], members: list[Member], settings: d
 
     summary = {
         "settings": settings,
-        "members": {m.name: {"config": m.config, "weights": m.weights, "meta_architecture": type(m.model).__name__}
-                    for m in members},
+        "members": {m.name: {"config": m.config, "weights": m.weights, "meta_architecture": type(m.model).__name__,
+                             "train_minutes": clean(m.train_minutes)} for m in members},
         "rows": [clean({**r.result, **({"min_votes": r.min_votes, "iou": r.iou, "command": r.command}
                                        if r.kind == "ensemble" else {})}) for r in rows],
         "member_predictions": {"computed": cache.computed, "reused": cache.reused},
@@ -582,11 +615,15 @@ def run(args: argparse.Namespace, specs: list[tuple[str, str, str]], ensembles: 
             dicts = dicts[: args.max_images]
         if not dicts:
             raise ValueError(f"--dataset {args.dataset}: no images")
+        for name, minutes in args.train_minutes.items():  # given on the command line: all stages
+            members[name].train_minutes = minutes
         cache = PredictionCache()
         rows = [alone_row(m, cache) for m in members.values()]
         votes = args.min_votes or [None]
         rows += [ensemble_row([members[n] for n in e], cache, args.merge, v, args.iou, args.dataset, args.opts,
                               args.tta_off, label_votes=len(votes) > 1) for e in ensembles for v in votes]
+        for r in rows:  # an ensemble's training minutes add up
+            r.train_minutes = sum(members[n].train_minutes for n in r.members)
     except (ConfigError, DatasetLoadError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -148,6 +148,29 @@ def test_shared_maps_ensembles_of_two_methods_match_train_nets_ensemble(runs, tm
     assert read_csv(out / "per_image" / "ts+nb.csv") != read_csv(out / "per_image" / "ts.csv")
 
 
+def test_training_minutes_from_the_checkpoint_clock_or_the_command_line_add_up(runs, tmp_path, capsys):
+    clocked = tmp_path / "nb_clocked"
+    clocked.mkdir()
+    state = torch.load(runs["nb"] / "model_final.pth", weights_only=True)
+    state["trainer"] = {"iteration": 1, "hooks": {"TimeBudgetHook": {"seconds": 90.0}}}  # as SOLVER.TIME_BUDGET saves
+    torch.save(state, clocked / "model_final.pth")
+    (clocked / "config.yaml").write_text((runs["nb"] / "config.yaml").read_text())
+    out = tmp_path / "bench"
+    rc = load_bench().main([
+        "--member", f"nb={clocked}", "--member", f"ts={runs['ts']}", "--member", f"rcnn={runs['rcnn']}",
+        "--dataset", "nuclei_synth_test", "--ensembles", "nb+ts", "nb+rcnn", "--max-images", "1", "--tta-off",
+        "--train-minutes", "ts=120", "--output-dir", str(out)])
+    assert rc == 0
+    minutes = {r["row"]: r["train_minutes"] for r in read_csv(out / "table.csv")}
+    assert minutes == {"nb": "1.5", "ts": "120.0", "rcnn": "", "nb+ts": "121.5", "nb+rcnn": ""}  # rcnn: unknown
+    assert "training min" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["members"]["nb"]["train_minutes"] == 1.5 and summary["members"]["rcnn"]["train_minutes"] is None
+    assert load_bench().main(["--member", f"nb={clocked}", "--train-minutes", "xx=3", "--output-dir",
+                              str(tmp_path / "x")]) == 2
+    assert "--train-minutes 'xx=3': expected NAME=MINUTES" in capsys.readouterr().err
+
+
 def test_bad_input_is_one_line_and_writes_nothing(runs, tmp_path, capsys):
     bench = load_bench()
     out = tmp_path / "never"
