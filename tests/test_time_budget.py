@@ -89,6 +89,7 @@ def test_training_ends_at_the_budget_with_the_decay_completed(tmp_path):
     assert _iteration(tmp_path / "model_final.pth") == 5  # Detectron2's numbering: the last step's index
     final = torch.load(tmp_path / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["trainer"]["hooks"]["TimeBudgetHook"] == {"seconds": 6.0}  # what benchmarks/ensemble.py reports
+    assert final["trainer"]["iteration"] == 5  # --resume from it starts at 6, as from Detectron2's model_final
     assert _iteration(tmp_path / "model_ema_final.pth") == 5
     lrs = [v for v, _ in trainer.storage.history("lr").values()]  # the lr each step trained with
     assert lrs == pytest.approx([0.001 * _cosine(k / 6) for k in range(6)], abs=1e-9)

@@ -118,8 +118,13 @@ class TimeBudgetHook(HookBase):
 
     def after_train(self) -> None:
         if self.stopped_at is not None and self.trainer.iter >= self.stopped_at:
-            # Detectron2's PeriodicCheckpointer writes model_final only at the configured MAX_ITER.
-            self.trainer.checkpointer.save("model_final", iteration=self.stopped_at - 1)
+            # Detectron2's PeriodicCheckpointer writes model_final only at the configured MAX_ITER. Its trainer state
+            # holds the last step's index, as a checkpoint written during that step would (--resume adds one).
+            last, self.trainer.iter = self.trainer.iter, self.stopped_at - 1
+            try:
+                self.trainer.checkpointer.save("model_final", iteration=self.stopped_at - 1)
+            finally:
+                self.trainer.iter = last
         elif not self.clock.spent and self.trainer.iter >= self.trainer.max_iter:
             logger.info("SOLVER.MAX_ITER (%d) was reached after %.2f of the %.2f minutes of SOLVER.TIME_BUDGET: the "
                         "schedule completed on iterations (raise SOLVER.MAX_ITER to use the whole budget)",
