@@ -33,9 +33,10 @@ Columns: AJI, PQ, Dice1, F1 (means over images), AJI on organs seen / not seen i
 mean AJI over images, seconds per tile of inference (model passes, test-time copies, merging and post-processing; not
 reading the image or scoring it; an ensemble row counts the passes of its members even when they came from the
 memory), training minutes (``--train-minutes NAME=MINUTES`` with all of a member's stages, else what its
-checkpoint's ``SOLVER.TIME_BUDGET`` clock counted; an ensemble row sums its members'), and for an ensemble the two-sided Wilcoxon signed-rank p-value of its per-image AJI against its best member
-alone (nuclei_d2.evaluation.offline.compare_predictions, as ``tools/evaluate.py --pred-b``). The object-level
-Hausdorff distance is not computed.
+checkpoint's ``SOLVER.TIME_BUDGET`` clock counted; an ensemble row sums its members'), and for an ensemble the
+two-sided Wilcoxon signed-rank p-value of its per-image AJI against its best member alone
+(nuclei_d2.evaluation.offline.compare_predictions, as ``tools/evaluate.py --pred-b``). The object-level Hausdorff
+distance is not computed.
 
 Writes to ``--output-dir`` once every row is done (each file atomically): ``table.csv``, ``summary.json`` (settings,
 every metric of every row, the train_net command that reproduces each ensemble row) and ``per_image/<row>.csv``.
