@@ -98,6 +98,9 @@ class TimeBudgetHook(HookBase):
         self.stopped_at: int | None = None
 
     def before_train(self) -> None:
+        logger.info("SOLVER.TIME_BUDGET: training for %.1f minutes (%.1f spent before), at most until iteration %d "
+                    "(SOLVER.MAX_ITER); the learning-rate schedule follows whichever is nearer its end",
+                    self.clock.budget_seconds / 60, self.clock.minutes(), self.trainer.max_iter)
         if self.clock.spent:
             logger.warning("SOLVER.TIME_BUDGET: the resumed checkpoint already spent %.1f of %.1f minutes: training "
                            "ends after one step", self.clock.minutes(), self.clock.budget_seconds / 60)
