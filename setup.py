@@ -30,7 +30,8 @@ setup(
     ],
     python_requires=">=3.10",
     packages=find_packages(include=["nuclei_d2", "nuclei_d2.*"]),
-    package_data={"nuclei_d2": ["model_zoo/configs/*.yaml"]},
+    # the model zoo: its manifest, entry configs and weights (docs/model_zoo.md)
+    package_data={"nuclei_d2": ["model_zoo/manifest.yaml", "model_zoo/configs/*.yaml", "model_zoo/weights/*.pth"]},
     # torch, torchvision and detectron2 are installed by scripts/setup_env.sh (no Python 3.11 wheel of Detectron2
     # exists on PyPI); everything else is in requirements.txt.
     install_requires=[

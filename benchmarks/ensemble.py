@@ -73,12 +73,21 @@ logger = logging.getLogger("benchmarks.ensemble")
 # ---- command line (standard library only) ------------------------------------------------------------------------
 
 def parse_member(text: str) -> tuple[str, str, str]:
-    """``NAME=CONFIG.yaml:WEIGHTS`` or ``NAME=RUN_DIR`` -> (name, config file, weights file); ValueError if bad."""
+    """``NAME=CONFIG.yaml:WEIGHTS``, ``NAME=RUN_DIR`` or ``NAME=zoo:ENTRY`` -> (name, config file or ``zoo:ENTRY``,
+    weights file); ValueError if bad."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"--member {text!r}: expected NAME=CONFIG.yaml:WEIGHTS or NAME=RUN_DIR")
     if not NAME_RE.match(name):
         raise ValueError(f"--member {text!r}: the name {name!r} may hold only letters, digits, '_', '.' and '-'")
+    if rest.startswith("zoo:"):  # a model zoo entry (nuclei_d2.model_zoo): its config and weights
+        from nuclei_d2.model_zoo import get_entry
+
+        entry = get_entry(rest[len("zoo:"):])
+        if entry.kind != "model":
+            raise ValueError(f"--member {text!r}: {entry.name} is an ensemble entry; give its members "
+                             f"({', '.join(entry.members)}) as members")
+        return name, rest, str(entry.weights_path)
     m = re.match(r"^(.+?\.ya?ml):(.+)$", rest)
     if m:
         return name, m.group(1), m.group(2)
@@ -137,8 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ensemble.py",
         description="Evaluate trained checkpoints alone and as ensembles on one dataset and print one table "
                     "(AJI, PQ, Dice1, F1, seconds per tile).")
-    p.add_argument("--member", action="append", required=True, metavar="NAME=CONFIG.yaml:WEIGHTS|NAME=RUN_DIR",
-                   help="a trained model (repeat for each); RUN_DIR holds config.yaml and model_final.pth")
+    p.add_argument("--member", action="append", required=True,
+                   metavar="NAME=CONFIG.yaml:WEIGHTS|NAME=RUN_DIR|NAME=zoo:ENTRY",
+                   help="a trained model (repeat for each); RUN_DIR holds config.yaml and model_final.pth; ENTRY is "
+                        "a model zoo entry (docs/model_zoo.md)")
     p.add_argument("--dataset", default="kumar_test", help="registered dataset with ground truth (default kumar_test)")
     p.add_argument("--ensembles", nargs="+", metavar="A+B",
                    help="ensembles to evaluate, e.g. a+b a+b+c, or 'all' (every subset of two or more); default: all "
@@ -301,6 +312,12 @@ class Member:
 
         self.name, self.config, self.weights = name, config, weights
         where = f"--member {name}"
+        zoo_minutes = float("nan")
+        if config.startswith("zoo:"):  # checked against the manifest's sha256, then used as a config file
+            from nuclei_d2.model_zoo import get_entry, resolve_zoo_config
+
+            zoo_minutes = float((get_entry(config[4:]).card.get("training") or {}).get("minutes", float("nan")))
+            config = self.config = resolve_zoo_config(config)[0]
         if not os.path.isfile(config):
             raise ConfigError(f"{where}: config file not found: {config}")
         if "://" not in weights and not os.path.isfile(weights):
@@ -316,6 +333,8 @@ class Member:
         except (ConfigError, ValueError) as e:  # ValueError: a config the model cannot be built from
             raise ConfigError(f"{where}: {e}") from None
         self.train_minutes = checkpoint_train_minutes(rest)
+        if math.isnan(self.train_minutes):
+            self.train_minutes = zoo_minutes
         self.model.eval()
         self.view = input_view(self.cfg)
         logger.info("member %s: %s (%s, weights %s)", name, type(self.model).__name__, config, weights)
@@ -602,7 +621,7 @@ def run(args: argparse.Namespace, specs: list[tuple[str, str, str]], ensembles: 
     try:
         out = check_output_dir(args.output_dir)
         for name, config, weights in specs:  # every file before any model is built
-            if not os.path.isfile(config):
+            if not config.startswith("zoo:") and not os.path.isfile(config):
                 raise ConfigError(f"--member {name}: config file not found: {config}")
             if "://" not in weights and not os.path.isfile(weights):
                 raise ConfigError(f"--member {name}: weights file not found: {weights}")

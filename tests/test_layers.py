@@ -23,6 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("modeling",),
     ("evaluation",),
     ("inference",),
+    ("model_zoo",),
     ("engine",),
 )
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -7,6 +7,7 @@ per-nucleus CSV measurements and overlays. See docs/inference.md.
     python tools/predict.py --config-file configs/two_stage_unet.yaml --weights model_final.pth \\
         --input "slides/*.svs" --output out --magnification 20 --shard 0/4
     python tools/predict.py --config-file configs/classical_watershed.yaml --input tile.png --output out
+    python tools/predict.py --model NAME --input tile.png --output out     # a model zoo entry (--list-models)
 
 A killed run resumes when started again with the same command: finished inputs are skipped and the finished tiles of
 an interrupted slide (kept in <output>/<stem>.partial/) are reused.
@@ -34,13 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
                "Exit status: 0 all done, 1 some inputs failed, 2 bad config, arguments or output folder, "
                "130 / 143 interrupted by Ctrl-C / SIGTERM (rerun the same command to resume).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config-file", required=True, help="model config (the one it was trained with)")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="a model zoo entry (its config and verified weights); see --list-models")
+    p.add_argument("--list-models", action="store_true", help="print the model zoo's entries and exit")
+    p.add_argument("--config-file", default=None,
+                   help="model config (the one it was trained with), or zoo:NAME; not with --model")
     p.add_argument("--weights", default=None, help="trained weights (sets MODEL.WEIGHTS)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickled weights (.pkl; sets MODEL.CHECKPOINT.ALLOW_PICKLE True). Unpickling a "
                         "file can run arbitrary code: use it only for files you trust")
-    p.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
-    p.add_argument("--output", required=True, help="output folder (checked for writing before anything else)")
+    p.add_argument("--input", nargs="+", default=None, help="image files, folders or glob patterns")
+    p.add_argument("--output", default=None, help="output folder (checked for writing before anything else)")
     p.add_argument("--outputs", nargs="+", default=None, choices=list(OUTPUT_KINDS),
                    help="what to write (default INFERENCE.OUTPUTS)")
     p.add_argument("--level", type=int, default=0, help="pyramid level of slides to analyse (0 = full resolution)")
@@ -65,9 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the command line: one model (``--model`` or ``--config-file``), ``--input`` and ``--output``
+    unless ``--list-models``; ``--model NAME`` becomes ``--config-file zoo:NAME``."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.list_models:
+        return args
+    if args.model and args.config_file:
+        p.error("give --model NAME or --config-file FILE, not both")
+    if not args.model and not args.config_file:
+        p.error("give a model: --model NAME (a model zoo entry, see --list-models) or --config-file FILE")
+    if args.model:
+        args.config_file = "zoo:" + args.model
+    missing = [flag for flag, v in (("--input", args.input), ("--output", args.output)) if not v]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.list_models:
+        from nuclei_d2.errors import ConfigError
+        from nuclei_d2.model_zoo import format_table
+
+        try:
+            print(format_table())
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     from nuclei_d2.engine.predict import run_predict  # heavy imports (torch, detectron2) only after parsing
 
     return run_predict(args)

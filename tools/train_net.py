@@ -5,6 +5,7 @@
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file CFG --num-gpus 2      # 2 processes (GPUs, or CPU on gloo)
+    python tools/train_net.py --config-file zoo:NAME DATASETS.TRAIN "('mine',)" ...  # fine-tune a zoo entry
 """
 
 import argparse
@@ -36,7 +37,9 @@ Run on several machines:
 Exit status: 0 done, 2 a config, weights or dataset problem (one line on stderr saying what to do).
 """,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    p.add_argument("--config-file", default="", metavar="FILE",
+                   help="path to config file, or zoo:NAME (a model zoo entry: fine-tune it, or --eval-only to score "
+                        "it on DATASETS.TEST)")
     p.add_argument("--resume", action="store_true",
                    help="resume from OUTPUT_DIR/last_checkpoint if it exists (else start from MODEL.WEIGHTS)")
     p.add_argument("--eval-only", action="store_true", help="perform evaluation only")
@@ -73,7 +76,12 @@ def setup(args):
     from nuclei_d2.engine import setup_cfg
 
     cfg = setup_cfg(args.config_file, args.opts, resume=args.resume, eval_only=args.eval_only, check_data=True)
-    default_setup(cfg, args)
+    shown = args
+    if args.config_file.startswith("zoo:"):  # Detectron2 logs the config file's text: the entry's file
+        from nuclei_d2.model_zoo import resolve_zoo_config
+
+        shown = argparse.Namespace(**{**vars(args), "config_file": resolve_zoo_config(args.config_file)[0]})
+    default_setup(cfg, shown)
     # nuclei_d2's own messages (time budget, EMA, compile, ...) to the console and OUTPUT_DIR/log.txt, as
     # Detectron2 projects do for theirs
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nuclei_d2")

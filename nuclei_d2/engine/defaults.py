@@ -17,6 +17,7 @@ from detectron2.config import CfgNode
 
 from ..config import build_cfg
 from ..errors import CheckpointError, ConfigError  # re-exported: tools import them from here
+from ..model_zoo.manifest import ZOO_PREFIX, resolve_zoo_config
 
 #: Meta-architectures without weights (evaluated only).
 UNTRAINABLE_ARCHITECTURES = frozenset({"ClassicalWatershed"})
@@ -284,12 +285,19 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
               eval_only: bool = False, freeze: bool = True, check_data: bool = False) -> CfgNode:
     """Build the config and register what it names (synthetic data, DATASETS.REGISTER); check weights/datasets.
 
+    ``config_file`` may be ``zoo:NAME``: a model zoo entry's config, with ``MODEL.WEIGHTS`` (and an ensemble's
+    members) pointing at its files once their sha256 matched the manifest (:mod:`nuclei_d2.model_zoo`); ``opts`` go
+    after the entry's own overrides.
+
     ``check_data``: also check that the datasets the run reads (DATASETS.TRAIN unless ``eval_only``, DATASETS.TEST)
     were prepared (their JSON exists), so a missing one is one line before anything starts (train_net); off by
     default, for callers that only build a model from the config (predict) and need none of its datasets.
     """
     from ..data.synthetic import SyntheticSpec, register_synthetic_datasets
 
+    if config_file and config_file.startswith(ZOO_PREFIX):  # a model zoo entry: its verified config and weights
+        config_file, zoo_opts = resolve_zoo_config(config_file)
+        opts = [*zoo_opts, *opts]
     cfg = build_cfg(config_file, opts)
     register_synthetic_datasets(SyntheticSpec.from_config(cfg))
     from ..data.datasets import register_datasets_from_config
