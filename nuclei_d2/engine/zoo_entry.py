@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..model_zoo.manifest import ZOO_ENV, ZOO_PREFIX, file_sha256, get_entry, load_manifest, zoo_dir
+from ..model_zoo.manifest import file_sha256, get_entry, load_manifest, zoo_dir
+from ..utils.io import atomic_write
 
 __all__ = ["add_ensemble_entry", "dataset_records", "half_state", "held_out_scores", "pack_model_entry",
            "score_records"]
@@ -140,21 +141,6 @@ def _checkpoint_training(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shipped files from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None) -> None:
     """Set (or, with None, remove) one entry of ``root/manifest.yaml``, keeping the others and their order."""
     import yaml
@@ -168,7 +154,7 @@ def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None) -> N
         entries[name] = dict(entry)
     data["entries"] = entries
     header = "# The model zoo: see nuclei_d2/model_zoo/manifest.py for the format, docs/model_zoo.md for the entries.\n"
-    _write_atomic(path, lambda p: p.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120)))
+    atomic_write(path, lambda p: p.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120)))
 
 
 def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | os.PathLike | None = None,
@@ -268,7 +254,7 @@ def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | o
         entry["card"] = card_out
         for rel, src in [(cfg_rel, zcfg_file), (weights_rel, packed),
                          *[(rel, tmpdir / Path(rel).name) for rel, _ in sub_configs.values()]]:
-            _write_atomic(root / rel, lambda p, s=src: shutil.copyfile(s, p))
+            atomic_write(root / rel, lambda p, s=src: shutil.copyfile(s, p))
     _write_manifest(root, name, entry)
     logger.info("zoo entry %s: %s, %.1f MB, check AJI %s", name, dtype, (root / weights_rel).stat().st_size / 1e6,
                 card_out["check"]["AJI"])
@@ -282,8 +268,7 @@ def add_ensemble_entry(name: str, members: Sequence[str], *, root: str | os.Path
     """Add an ensemble of model entries (the first gives the input channels and test-time copies; ``overrides``:
     config keys such as ``TEST.MERGE.MIN_VOTES``). Its check scores are measured through the zoo itself; if that
     fails, the manifest is left as it was."""
-    from ..model_zoo import get
-    from .defaults import setup_cfg
+    from ..model_zoo import get, get_config
 
     root = Path(root) if root is not None else zoo_dir()
     if len(members) < 2:
@@ -302,16 +287,7 @@ def add_ensemble_entry(name: str, members: Sequence[str], *, root: str | os.Path
                              "card": {**dict(card or {}), **({"held_out": held} if held else {})}}
     _write_manifest(root, name, entry)
     try:
-        env = os.environ.get(ZOO_ENV)
-        os.environ[ZOO_ENV] = str(root)
-        try:
-            cfg = setup_cfg(ZOO_PREFIX + name, [], eval_only=True)
-            ref = score_records(cfg, get(name), records)
-        finally:
-            if env is None:
-                os.environ.pop(ZOO_ENV, None)
-            else:
-                os.environ[ZOO_ENV] = env
+        ref = score_records(get_config(name, root=root), get(name, root=root), records)
     except BaseException:
         _write_manifest(root, name, previous)
         raise

@@ -46,13 +46,14 @@ def _device(cfg: Any, device: str | None) -> None:
         cfg.MODEL.DEVICE = "cpu"
 
 
-def get_config(name: str, trained: bool = True, opts: list[str] | None = None) -> Any:
+def get_config(name: str, trained: bool = True, opts: list[str] | None = None, root: Any = None) -> Any:
     """The entry's config (a CfgNode, not frozen) after its files were verified against the manifest;
     ``trained=False`` leaves ``MODEL.WEIGHTS`` (and an ensemble's members) empty: the architecture only. ``opts``:
-    further ``KEY VALUE`` overrides. The device falls back to the CPU when CUDA is absent."""
+    further ``KEY VALUE`` overrides; ``root``: another zoo folder (default :func:`zoo_dir`). The device falls back to
+    the CPU when CUDA is absent."""
     from ..config import build_cfg
 
-    config_file, zoo_opts = resolve_zoo_config(ZOO_PREFIX + name)
+    config_file, zoo_opts = resolve_zoo_config(ZOO_PREFIX + name, root)
     cfg = build_cfg(config_file, [*zoo_opts, *(opts or [])])
     _device(cfg, None)
     if not trained:
@@ -62,7 +63,7 @@ def get_config(name: str, trained: bool = True, opts: list[str] | None = None) -
     return cfg
 
 
-def get(name: str, trained: bool = True, device: str | None = None) -> Any:
+def get(name: str, trained: bool = True, device: str | None = None, root: Any = None) -> Any:
     """The entry's model, built, loaded (weights verified first) and in eval mode; an ensemble entry (and an entry
     whose config turns on test-time augmentation) comes wrapped in its
     :class:`~nuclei_d2.inference.test_time.TestTimeWrapper`. ``device``: ``MODEL.DEVICE`` (default: the config's,
@@ -71,7 +72,7 @@ def get(name: str, trained: bool = True, device: str | None = None) -> Any:
     from ..inference.test_time import build_test_time_wrapper
     from ..modeling.build import build_nuclei_model
 
-    cfg = get_config(name, trained=trained)
+    cfg = get_config(name, trained=trained, root=root)
     _device(cfg, device)
     model = build_nuclei_model(cfg)
     if cfg.MODEL.WEIGHTS:
