@@ -13,6 +13,7 @@ import yaml
 from conftest import REPO, tiny_cfg
 from PIL import Image
 
+from nuclei_d2 import model_zoo
 from nuclei_d2.config import build_cfg
 from nuclei_d2.engine import NucleiTrainer
 from nuclei_d2.engine.demo import count_nuclei, demo_cfg
@@ -74,6 +75,17 @@ def test_demo_writes_overlay_metrics_and_prints_paths(python, tmp_path):
     label = np.asarray(Image.open(out / "demo_prediction_labels.png"))
     printed = int(re.search(r"predicted (\d+) nuclei", proc.stdout).group(1))
     assert printed == len(np.unique(label[label > 0]))
+
+    # Then the shipped zoo's flagship on the same tile: overlay, GeoJSON, CSV and the command for one's own image.
+    lead = model_zoo.flagship(model_zoo.manifest.PACKAGE_ZOO)
+    if lead is None:
+        assert "no flagship entry" in proc.stdout
+    else:
+        (marker,) = (out / "zoo").glob("*.done.json")
+        stem = marker.name[: -len(".done.json")]
+        for name in (f"{stem}.geojson", f"{stem}.csv", f"{stem}_overlay.png"):
+            assert (out / "zoo" / name).is_file() and str(out / "zoo" / name) in proc.stdout, name
+        assert f"tools/predict.py --model {lead} --input YOUR_IMAGE_OR_SLIDE" in proc.stdout
 
 
 def test_count_nuclei_counts_labels_not_the_largest_id():

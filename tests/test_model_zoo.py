@@ -325,3 +325,65 @@ def test_ensemble_benchmark_takes_zoo_members(use_zoo, tiny_run, tmp_path, capsy
         rows = {r["row"]: r for r in csv.DictReader(f)}
     assert float(rows["z"]["AJI"]) == pytest.approx(float(rows["run"]["AJI"]), abs=0.005)
     assert "z" in capsys.readouterr().out
+
+
+# ---- the flagship and the demo's zoo step -------------------------------------------------------------------------
+
+
+def test_flagship_is_set_by_the_builder_and_checked(zoo, tiny_run, tmp_path):
+    root = _copy_zoo(zoo, tmp_path / "zoo")
+    assert model_zoo.flagship(root) is None
+    held = tiny_run / "inference" / "nuclei_synth_test" / "nuclei_results.json"
+    pack_model_entry("nb-lead", str(tiny_run / "config.yaml"), str(tiny_run / "model_final.pth"), root=root,
+                     held_out=str(held), check_dataset="nuclei_synth_test", check_images=1, flagship=True)
+    assert model_zoo.flagship(root) == "nb-lead"
+    assert list(model_zoo.load_manifest(root)) == ["nb-tiny", "nb-tiny-fp32", "nb-lead"]
+    # rebuilding another entry keeps the flagship; a manifest naming a flagship that is no entry is refused
+    text = (root / "manifest.yaml").read_text()
+    assert "flagship: nb-lead" in text
+    (root / "manifest.yaml").write_text(text.replace("flagship: nb-lead", "flagship: nb-gone"))
+    with pytest.raises(ConfigError, match="flagship 'nb-gone' is not an entry; entries: nb-tiny, nb-tiny-fp32, "
+                                          "nb-lead"):
+        model_zoo.load_manifest(root)
+
+
+def test_zoo_demo_writes_outputs_and_a_command_that_works(zoo, tmp_path, monkeypatch, capsys):
+    """The demo's zoo step segments the tile with the flagship, writes overlay / GeoJSON / CSV, and the command it
+    prints does the same from the shell (same nucleus count)."""
+    from nuclei_d2.engine.demo import run_zoo_demo
+
+    root = _copy_zoo(zoo, tmp_path / "zoo")
+    monkeypatch.setenv(model_zoo.ZOO_ENV, str(root))
+    image = dataset_records("nuclei_synth_test", 1)[0]["file_name"]
+    assert run_zoo_demo(image, tmp_path / "none") is None  # no flagship: said, nothing written
+    assert "no flagship entry" in capsys.readouterr().out and not (tmp_path / "none").exists()
+
+    text = (root / "manifest.yaml").read_text()
+    (root / "manifest.yaml").write_text(text + "flagship: nb-tiny\n")
+    assert model_zoo.flagship() == "nb-tiny" and "flagship (what scripts/demo.sh runs): nb-tiny" in \
+        model_zoo.format_table()
+    summary = run_zoo_demo(image, tmp_path / "demo")
+    out = capsys.readouterr().out
+    assert summary["model"] == "nb-tiny" and summary["nuclei_predicted"] > 0
+    for kind in ("overlay", "geojson", "csv"):
+        assert Path(summary[kind]).is_file() and summary[kind] in out, kind
+    features = json.loads(Path(summary["geojson"]).read_text())["features"]
+    assert len(features) == summary["nuclei_predicted"]
+    assert summary["command"] in out and "--model nb-tiny" in summary["command"]
+    command = summary["command"].replace("YOUR_IMAGE_OR_SLIDE", image).replace("OUT_FOLDER", str(tmp_path / "me"))
+    env = {**os.environ, model_zoo.ZOO_ENV: str(root)}
+    done = subprocess.run([*command.split(), "--no-progress"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mine = json.loads((tmp_path / "me" / f"{Path(image).stem}.geojson").read_text())["features"]
+    assert len(mine) == len(features)
+
+
+def test_demo_tool_zoo_only_refuses_a_tampered_flagship(zoo, tmp_path):
+    root = _copy_zoo(zoo, tmp_path / "zoo")
+    (root / "manifest.yaml").write_text((root / "manifest.yaml").read_text() + "flagship: nb-tiny\n")
+    (root / "weights" / "nb-tiny.pth").write_bytes(b"altered")
+    proc = _run([str(REPO / "tools" / "demo.py"), "--zoo-only", "--output", str(tmp_path / "demo")], root, tmp_path)
+    assert proc.returncode == 2 and "nb-tiny.pth: sha256" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "demo" / "zoo").exists()

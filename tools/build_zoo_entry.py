@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-dataset", default="kumar_test", help="dataset of the check images")
     p.add_argument("--check-images", nargs="+", default=["2"],
                    help="check image names, or one number N (the first N images)")
+    p.add_argument("--flagship", action="store_true",
+                   help="make this entry the zoo's flagship (the model scripts/demo.sh runs)")
     p.add_argument("--float32", action="store_true", help="store float32 even where float16 predicts the same")
     p.add_argument("--zoo", default=None, help="zoo folder (default: $NUCLEI_D2_MODEL_ZOO or the shipped zoo)")
     p.add_argument("opts", nargs="*", default=[], help="KEY VALUE overrides applied to the run's config")
@@ -73,12 +75,13 @@ def main(argv=None) -> int:
         if args.ensemble:
             entry = add_ensemble_entry(args.name, args.ensemble, root=args.zoo, overrides=dict(args.set),
                                        description=args.description, card=card, held_out=args.held_out,
-                                       check_dataset=args.check_dataset, check_images=images)
+                                       check_dataset=args.check_dataset, check_images=images,
+                                       flagship=args.flagship)
         else:
             entry = pack_model_entry(args.name, args.config_file, args.weights, root=args.zoo,
                                      description=args.description, card=card, held_out=args.held_out,
                                      check_dataset=args.check_dataset, check_images=images,
-                                     float16=not args.float32, opts=args.opts)
+                                     float16=not args.float32, opts=args.opts, flagship=args.flagship)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -141,8 +141,9 @@ def _checkpoint_training(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None) -> None:
-    """Set (or, with None, remove) one entry of ``root/manifest.yaml``, keeping the others and their order."""
+def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None, lead: bool | None = None) -> None:
+    """Set (or, with None, remove) one entry of ``root/manifest.yaml``, keeping the others and their order;
+    ``lead``: True makes it the zoo's flagship, False takes that away from it, None leaves the flagship as it is."""
     import yaml
 
     path = root / "manifest.yaml"
@@ -153,6 +154,10 @@ def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None) -> N
     else:
         entries[name] = dict(entry)
     data["entries"] = entries
+    if lead:
+        data["flagship"] = name
+    elif data.get("flagship") == name and (lead is False or entry is None):
+        data.pop("flagship")
     header = "# The model zoo: see nuclei_d2/model_zoo/manifest.py for the format, docs/model_zoo.md for the entries.\n"
     atomic_write(path, lambda p: p.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120)))
 
@@ -160,7 +165,8 @@ def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None) -> N
 def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | os.PathLike | None = None,
                      description: str = "", card: Mapping[str, Any] | None = None, held_out: str = "",
                      check_dataset: str = "kumar_test", check_images: Sequence[str] | int = 2,
-                     float16: bool = True, tolerance: float = 0.005, opts: Sequence[str] = ()) -> dict[str, Any]:
+                     float16: bool = True, tolerance: float = 0.005, opts: Sequence[str] = (),
+                     flagship: bool = False) -> dict[str, Any]:
     """Pack a training run's config + weights into the zoo at ``root`` (default :func:`zoo_dir`) as ``name``.
 
     Args:
@@ -173,6 +179,7 @@ def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | o
         check_dataset, check_images: images whose per-image scores the card records (names or the first N).
         float16: store float16 when the check images' AJI stays within ``tolerance`` of float32's.
         opts: config overrides applied to the run's config (e.g. tuned post-processing).
+        flagship: make it the zoo's flagship (the model scripts/demo.sh runs); False keeps the current one.
 
     Returns the manifest entry written.
     """
@@ -255,7 +262,7 @@ def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | o
         for rel, src in [(cfg_rel, zcfg_file), (weights_rel, packed),
                          *[(rel, tmpdir / Path(rel).name) for rel, _ in sub_configs.values()]]:
             atomic_write(root / rel, lambda p, s=src: shutil.copyfile(s, p))
-    _write_manifest(root, name, entry)
+    _write_manifest(root, name, entry, lead=True if flagship else None)
     logger.info("zoo entry %s: %s, %.1f MB, check AJI %s", name, dtype, (root / weights_rel).stat().st_size / 1e6,
                 card_out["check"]["AJI"])
     return entry
@@ -264,10 +271,10 @@ def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | o
 def add_ensemble_entry(name: str, members: Sequence[str], *, root: str | os.PathLike | None = None,
                        overrides: Mapping[str, Any] | None = None, description: str = "",
                        card: Mapping[str, Any] | None = None, held_out: str = "", check_dataset: str = "kumar_test",
-                       check_images: Sequence[str] | int = 2) -> dict[str, Any]:
+                       check_images: Sequence[str] | int = 2, flagship: bool = False) -> dict[str, Any]:
     """Add an ensemble of model entries (the first gives the input channels and test-time copies; ``overrides``:
-    config keys such as ``TEST.MERGE.MIN_VOTES``). Its check scores are measured through the zoo itself; if that
-    fails, the manifest is left as it was."""
+    config keys such as ``TEST.MERGE.MIN_VOTES``; ``flagship``: as :func:`pack_model_entry`'s). Its check scores are
+    measured through the zoo itself; if that fails, the manifest is left as it was."""
     from ..model_zoo import get, get_config
 
     root = Path(root) if root is not None else zoo_dir()
@@ -295,5 +302,5 @@ def add_ensemble_entry(name: str, members: Sequence[str], *, root: str | os.Path
     entry["card"]["check"] = {"dataset": check_dataset, "images": [r["image"] for r in ref],
                               "AJI": [round(r["AJI"], 4) for r in ref], "PQ": [round(r["PQ"], 4) for r in ref],
                               "tolerance": 0.02}
-    _write_manifest(root, name, entry)
+    _write_manifest(root, name, entry, lead=True if flagship else None)
     return entry

@@ -22,6 +22,7 @@ from .manifest import (
     ZOO_PREFIX,
     ZooEntry,
     file_sha256,
+    flagship,
     get_entry,
     load_manifest,
     resolve_zoo_config,
@@ -29,8 +30,9 @@ from .manifest import (
     zoo_dir,
 )
 
-__all__ = ["ZOO_ENV", "ZOO_PREFIX", "ZooEntry", "file_sha256", "format_table", "get", "get_config", "get_entry",
-           "get_predictor", "list_models", "load_manifest", "resolve_zoo_config", "verify_entry", "zoo_dir"]
+__all__ = ["ZOO_ENV", "ZOO_PREFIX", "ZooEntry", "file_sha256", "flagship", "format_table", "get", "get_config",
+           "get_entry", "get_predictor", "list_models", "load_manifest", "resolve_zoo_config", "verify_entry",
+           "zoo_dir"]
 
 
 def list_models() -> list[str]:
@@ -98,6 +100,7 @@ def _score(card: dict, key: str) -> str:
 def format_table(entries: dict[str, ZooEntry] | None = None) -> str:
     """The zoo as a plain-text table: name, kind, held-out AJI / PQ / Dice1 / F1 (``kumar_test``), seconds per
     1000x1000 tile on CPU, weights size, training data and description."""
+    lead = flagship() if entries is None else None
     entries = load_manifest() if entries is None else entries
     if not entries:
         return f"the model zoo at {zoo_dir()} has no entries yet (docs/model_zoo.md says how to build one)"
@@ -120,6 +123,8 @@ def format_table(entries: dict[str, ZooEntry] | None = None) -> str:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
     lines.insert(1, "-" * len(lines[0]))
+    if lead:
+        lines.append(f"flagship (what scripts/demo.sh runs): {lead}")
     return "\n".join(lines) + ("\nAJI / PQ / Dice1 / F1: held out (the same recipe trained without the scored "
                               "images; kumar_train -> kumar_test for the shipped entries); s/tile: seconds per check "
                               "image (a 1000x1000 Kumar tile for the shipped entries) on the CPU that built the entry")

@@ -15,6 +15,7 @@ environment variable ``NUCLEI_D2_MODEL_ZOO`` points to another (a lab's own mode
           MODEL.MASKRCNN_PLUS.DISTANCE_NET.CONFIG: {file: configs/<name>.distance.yaml, sha256: ...}
         overrides: {TEST.MERGE.MIN_VOTES: 2}   # ensembles: config keys set on the first member's config
         card: {...}                        # trained_on, training, held_out scores, seconds_per_tile, licence, check
+    flagship: <name>                       # optional: the entry the demo runs and tools suggest first
 
 Every file an entry names is checked against its sha256 before anything loads it (:func:`verify_entry`), so an
 altered or truncated file is one line naming it, not a model that silently predicts something else.
@@ -31,8 +32,8 @@ from typing import Any
 
 from ..errors import CheckpointError, ConfigError
 
-__all__ = ["ZOO_ENV", "ZOO_PREFIX", "ZooEntry", "file_sha256", "get_entry", "load_manifest", "resolve_zoo_config",
-           "verify_entry", "zoo_dir"]
+__all__ = ["ZOO_ENV", "ZOO_PREFIX", "ZooEntry", "file_sha256", "flagship", "get_entry", "load_manifest",
+           "resolve_zoo_config", "verify_entry", "zoo_dir"]
 
 #: ``--config-file zoo:NAME`` (any tool that takes a config) names a zoo entry.
 ZOO_PREFIX = "zoo:"
@@ -110,12 +111,8 @@ def _entry(name: str, raw: Mapping[str, Any], root: Path, where: Path) -> ZooEnt
                     card=dict(raw.get("card") or {}))
 
 
-def load_manifest(root: str | os.PathLike | None = None) -> dict[str, ZooEntry]:
-    """The entries of the zoo in ``root`` (default :func:`zoo_dir`), by name, in manifest order.
-
-    Raises:
-        ConfigError: the manifest is missing or not a valid manifest (one line naming it).
-    """
+def _read_manifest(root: str | os.PathLike | None) -> tuple[Path, dict[str, ZooEntry], str | None]:
+    """(manifest path, entries by name in manifest order, flagship name or None), all checked."""
     import yaml
 
     root = Path(root) if root is not None else zoo_dir()
@@ -127,7 +124,9 @@ def load_manifest(root: str | os.PathLike | None = None) -> dict[str, ZooEntry]:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
-    raw = data.get("entries") if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: a manifest is a mapping with 'entries' (and optionally 'flagship')")
+    raw = data.get("entries")
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -137,7 +136,24 @@ def load_manifest(root: str | os.PathLike | None = None) -> dict[str, ZooEntry]:
         unknown = [m for m in e.members if m not in entries or entries[m].kind != "model"]
         if unknown:
             raise ConfigError(f"{path}: ensemble {e.name!r} names members that are not model entries: {unknown}")
-    return entries
+    lead = data.get("flagship")
+    if lead is not None and str(lead) not in entries:
+        raise ConfigError(f"{path}: flagship {lead!r} is not an entry; entries: {', '.join(entries) or 'none'}")
+    return path, entries, None if lead is None else str(lead)
+
+
+def load_manifest(root: str | os.PathLike | None = None) -> dict[str, ZooEntry]:
+    """The entries of the zoo in ``root`` (default :func:`zoo_dir`), by name, in manifest order.
+
+    Raises:
+        ConfigError: the manifest is missing or not a valid manifest (one line naming it).
+    """
+    return _read_manifest(root)[1]
+
+
+def flagship(root: str | os.PathLike | None = None) -> str | None:
+    """The zoo's flagship entry (the manifest's ``flagship``: what the demo runs), or None when it names none."""
+    return _read_manifest(root)[2]
 
 
 def get_entry(name: str, root: str | os.PathLike | None = None) -> ZooEntry:
