@@ -199,6 +199,15 @@ def test_build_tool_refuses_bad_input_and_writes_nothing(tiny_run, tmp_path, cap
     assert tool.main(["--name", "a/b", "--config-file", str(tiny_run / "config.yaml"), "--weights",
                       str(tiny_run / "model_final.pth"), "--zoo", str(root)]) == 2
     assert list(root.iterdir()) == []
+    # comma-separated lists, so the KEY VALUE overrides that end the command stay overrides
+    assert tool.main(["--name", "ok", "--config-file", str(tiny_run / "config.yaml"), "--weights",
+                      str(tiny_run / "model_final.pth"), "--zoo", str(root), "--check-dataset", "nuclei_synth_test",
+                      "--trained-on", "a_train,b_train", "--check-images", "synth_test_001",
+                      "MODEL.NB.MIN_SIZE", "7"]) == 0
+    entry = model_zoo.get_entry("ok", root)
+    assert entry.card["trained_on"]["datasets"] == ["a_train", "b_train"]
+    assert entry.card["check"]["images"] == ["synth_test_001"]
+    assert model_zoo.get_config("ok", root=root).MODEL.NB.MIN_SIZE == 7
 
 
 def _run(args: list[str], env_zoo: Path | None, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -34,14 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nuclei_results.json of the same recipe trained on kumar_train, evaluated on kumar_test")
     p.add_argument("--held-out-command", default="", help="the commands that produced --held-out (for the card)")
     p.add_argument("--description", default="", help="one line for the zoo table")
-    p.add_argument("--trained-on", nargs="+", default=[], help="datasets the shipped weights were trained on")
+    # (comma-separated values, not nargs="+": that would swallow the KEY VALUE overrides that end the command)
+    p.add_argument("--trained-on", default="", help="datasets the shipped weights were trained on, comma-separated")
     p.add_argument("--tiles", type=int, default=None, help="number of training tiles")
     p.add_argument("--command", default="", help="the command that trained the shipped weights")
     p.add_argument("--minutes", type=float, default=None, help="training minutes (default: the checkpoint's clock)")
     p.add_argument("--licence", default=MONUSEG_LICENCE, help="terms of the training data")
     p.add_argument("--check-dataset", default="kumar_test", help="dataset of the check images")
-    p.add_argument("--check-images", nargs="+", default=["2"],
-                   help="check image names, or one number N (the first N images)")
+    p.add_argument("--check-images", default="2",
+                   help="check image names, comma-separated, or one number N (the first N images)")
     p.add_argument("--flagship", action="store_true",
                    help="make this entry the zoo's flagship (the model scripts/demo.sh runs)")
     p.add_argument("--float32", action="store_true", help="store float32 even where float16 predicts the same")
@@ -61,11 +62,12 @@ def main(argv=None) -> int:
     from nuclei_d2.engine.zoo_entry import add_ensemble_entry, pack_model_entry
     from nuclei_d2.errors import ConfigError
 
-    images = int(args.check_images[0]) if len(args.check_images) == 1 and args.check_images[0].isdigit() \
-        else list(args.check_images)
+    names = [n.strip() for n in args.check_images.split(",") if n.strip()]
+    images = int(names[0]) if len(names) == 1 and names[0].isdigit() else names
     card = {"licence": args.licence}
     if args.trained_on:
-        card["trained_on"] = {"datasets": list(args.trained_on), **({"tiles": args.tiles} if args.tiles else {})}
+        datasets = [d.strip() for d in args.trained_on.split(",") if d.strip()]
+        card["trained_on"] = {"datasets": datasets, **({"tiles": args.tiles} if args.tiles else {})}
     training = {k: v for k, v in (("minutes", args.minutes), ("command", args.command)) if v}
     if training:
         card["training"] = training
