@@ -68,24 +68,33 @@ def read_labels(data: Path, tile: str) -> Any:
 
 
 def write_labels(output: Path, tile: str, labels: Any) -> Path:
-    """Write ``output/labels/<id>.png`` as a uint16 label map (instances renumbered 1..N)."""
+    """Write ``output/labels/<id>.png``, a uint16 label map (instances renumbered 1..N).
+
+    A map with more than 65535 instances (only an untrained network makes that many) goes to ``<id>.npy`` as int32
+    instead, which ``tools/evaluate.py`` reads too.
+    """
     import numpy as np
     from PIL import Image
 
     labels = np.asarray(labels)
     ids = np.unique(labels[labels > 0])
-    if len(ids) > 65535:
-        raise ValueError(f"{tile}: {len(ids)} instances do not fit uint16")
-    lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.uint16)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.uint16)
-    path = output / "labels" / f"{tile}.png"
+    big = len(ids) > 65535
+    lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, dtype=np.int32 if big else np.uint16)
+    lut[ids] = np.arange(1, len(ids) + 1)
+    path = output / "labels" / f"{tile}.{'npy' if big else 'png'}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(lut[labels]).save(path)
+    if big:
+        print(f"warning: {tile}: {len(ids)} instances do not fit uint16; writing {path.name}", flush=True)
+        np.save(path, lut[labels])
+    else:
+        Image.fromarray(lut[labels]).save(path)
     return path
 
 
 def predict_tiles(args: argparse.Namespace, tiles: list[str], predict: Callable[[Any], Any]) -> dict[str, Any]:
     """Run ``predict(rgb) -> label map`` on each tile, write the PNGs; return timings for run.json."""
+    import numpy as np
+
     seconds = {}
     counts = {}
     for tile in tiles:
@@ -94,7 +103,7 @@ def predict_tiles(args: argparse.Namespace, tiles: list[str], predict: Callable[
         labels = predict(img)
         seconds[tile] = round(time.perf_counter() - t0, 3)
         write_labels(args.output, tile, labels)
-        counts[tile] = int(len(set(map(int, labels[labels > 0].ravel()))))
+        counts[tile] = int(len(np.unique(labels[labels > 0])))
         print(f"predicted {tile}: {counts[tile]} nuclei in {seconds[tile]:.1f} s", flush=True)
     mean = sum(seconds.values()) / max(len(seconds), 1)
     return {"test_tiles": tiles, "seconds_per_tile": round(mean, 3), "seconds_by_tile": seconds,

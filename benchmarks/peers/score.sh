@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Score a peer's label maps against the split's test ground truth with nuclei-d2's own tools/evaluate.py.
 #   bash benchmarks/peers/score.sh PEER_OUTPUT_DIR [--partial]
-# Reads PEER_OUTPUT_DIR/labels/<id>.png; writes PEER_OUTPUT_DIR/score/: per_image.csv, results.json (every metric,
+# Reads PEER_OUTPUT_DIR/labels/<id>.png (or .npy); writes PEER_OUTPUT_DIR/score/: per_image.csv, results.json (every metric,
 # per organ and seen/unseen organ: the organs of the split's training tiles are the seen ones) and summary.csv
 # (mean +- standard error of AJI, PQ, Dice1, F1 overall and per organ group).
 # Ground truth is every test tile of the split; a missing prediction is an error, unless --partial (smoke runs)
@@ -29,7 +29,7 @@ splits = json.loads((data / "splits.json").read_text())[split]
 meta = json.loads((data / "metadata.json").read_text())
 test = [i for k, ids in splits.items() if k.startswith("test") for i in ids]
 if partial == "--partial":
-    test = [i for i in test if (run / "labels" / f"{i}.png").exists()]
+    test = [i for i in test if any((run / "labels" / f"{i}.{e}").exists() for e in ("png", "npy"))]
 elif partial:
     sys.exit(f"unknown option {partial!r} (only --partial)")
 for i in test:
