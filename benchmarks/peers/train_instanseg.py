@@ -68,10 +68,13 @@ def main() -> None:
     labels = [_common.read_labels(args.data, t).astype(np.int32) for t in train_ids]
     items = [{"image": img, "nucleus_masks": lab, "parent_dataset": "kumar", "pixel_size": args.pixel_size,
               "image_modality": "Brightfield"} for img, lab in zip(images, labels, strict=True)]
-    kwargs = {"output_path": str(args.output), "experiment_str": EXPERIMENT, "device": "cpu", "num_workers": 0,
+    kwargs = {"output_path": str(args.output), "experiment_str": EXPERIMENT, "device": "cpu", "num_workers": 1,
               "requested_pixel_size": args.model_pixel_size, "length_of_epoch": args.len_epoch,
               "hotstart_training": args.hotstart, "num_epochs": 1_000_000, "rng_seed": args.seed or None,
-              "on_cluster": True, "target_segmentation": "N"}
+              "on_cluster": True, "target_segmentation": "N",
+              # name the source: with the default "all", instanseg-torch 0.1.2 keeps only items whose parent_dataset
+              # is a substring of "all" (it compares against the string, not the list ["all"])
+              "source_dataset": "[kumar]"}
     run_dir = args.output / EXPERIMENT
     weights = run_dir / "model_weights.pth"
     safe = run_dir / "model_weights.last_complete.pth"
@@ -147,7 +150,8 @@ def main() -> None:
         "model_pixel_size": args.model_pixel_size,
         "augmentation": "InstanSeg 'minimal': flips, rotations, rescale to the model pixel size",
         "validation": "the training tiles (no held-out tile)",
-        "dataloader_workers": 0,
+        "dataloader_workers": 1,  # the fewest its loader allows (persistent_workers=True); default 3
+        "instanseg_rng_seed": kwargs["rng_seed"],  # InstanSeg treats 0 as "no seed"
         "thresholds": {"seed_threshold": seed, "mask_threshold": mask},
         "thresholds_chosen_on": f"first {min(args.tune_tiles, len(images))} training tiles, F1 at IoU 0.5",
         "threshold_grid": {f"{s},{m}": v for (s, m), v in scores.items()},
