@@ -12,7 +12,8 @@ instanseg-torch installs no training command; its training is ``instanseg.script
 crops, 1000 samples per epoch, 10 hot-start epochs, "minimal" augmentation: flips, rotations, rescale jitter), with
 the tiles rescaled from 0.25 to 0.5 um/px as InstanSeg's released models are. Its loop has no time limit and no
 learning-rate schedule by default (constant rate), so it runs in a child process that is stopped when the budget is
-used; the checkpoint it keeps (``model_weights.pth``: the best validation F1 so far) is the model. Validation data:
+used (or, if none is saved by then, once its first checkpoint is); the checkpoint it keeps (``model_weights.pth``:
+the best validation F1 so far) is the model. Validation data:
 the training tiles. Inference: ``InstanSeg(model).eval_small_image(tile, pixel_size=0.25)``; ``seed_threshold`` and
 ``mask_threshold`` picked on training tiles (F1 at IoU 0.5). Writes ``OUTPUT/instanseg/``, ``OUTPUT/labels/<id>.png``
 and ``OUTPUT/run.json``.
@@ -85,7 +86,8 @@ def main() -> None:
     deadline = t0 + args.minutes * 60
     child.start()
     last = None
-    while child.is_alive() and time.monotonic() < deadline:
+    # past the deadline, wait for the first complete checkpoint if there is none yet (recorded in run.json)
+    while child.is_alive() and (time.monotonic() < deadline or not safe.exists()):
         time.sleep(2)
         if weights.exists():  # keep a copy of each checkpoint once written, in case the stop lands mid-save
             stat = weights.stat()
@@ -116,7 +118,7 @@ def main() -> None:
     wrapped = InstanSeg_Torchscript(net, cells_and_nuclei=False, pixel_size=args.model_pixel_size,
                                     n_sigma=int(model_dict["n_sigma"]),
                                     feature_engineering_function=str(model_dict["feature_engineering"]))
-    model = InstanSeg(wrapped, device="cpu", verbosity=0)
+    model = InstanSeg(torch.jit.script(wrapped), device="cpu", verbosity=0)  # it reads the TorchScript graph
 
     def segment(img: Any, seed: float, mask: float) -> Any:
         out = model.eval_small_image(img, pixel_size=args.pixel_size, return_image_tensor=False,
@@ -139,6 +141,7 @@ def main() -> None:
         "train_tiles": train_ids,
         "minutes_trained": round(train_s / 60, 2),
         "stopped_by_budget": stopped,
+        "waited_past_budget_for_first_checkpoint": train_s > args.minutes * 60 + 10,
         "checkpoint_epoch": int(checkpoint.get("epoch", -1)),
         "checkpoint_validation_f1": float(checkpoint.get("f1_score", float("nan"))),
         "epoch_note": "epochs count from 0 again after the hot-start epochs; the checkpoint is the best validation "
