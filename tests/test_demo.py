@@ -83,7 +83,7 @@ def test_demo_writes_overlay_metrics_and_prints_paths(python, tmp_path):
     else:
         (marker,) = (out / "zoo").glob("*.done.json")
         stem = marker.name[: -len(".done.json")]
-        for name in (f"{stem}.geojson", f"{stem}.csv", f"{stem}_overlay.png"):
+        for name in (f"{stem}.geojson", f"{stem}_nuclei.csv", f"{stem}_overlay.png"):
             assert (out / "zoo" / name).is_file() and str(out / "zoo" / name) in proc.stdout, name
         assert f"tools/predict.py --model {lead} --input YOUR_IMAGE_OR_SLIDE" in proc.stdout
 
