@@ -97,7 +97,7 @@ def run_zoo_demo(image: str | os.PathLike, output_dir: str | os.PathLike, name: 
     command = (f"{sys.executable} {tool if tool.is_file() else 'tools/predict.py'} --model {name} "
                "--input YOUR_IMAGE_OR_SLIDE --output OUT_FOLDER --outputs overlay geojson csv")
     summary = {"model": name, "image": str(image), "nuclei_predicted": result.nuclei, "seconds": result.seconds,
-               **{f"{kind}": path for kind, path in result.outputs.items()}, "command": command}
+               **result.outputs, "command": command}
     lines = [
         "",
         f"Model zoo: {name} ({entry.description or entry.kind}{score}) on the same tile:",

@@ -141,9 +141,9 @@ def _checkpoint_training(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None, lead: bool | None = None) -> None:
+def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None, flagship: bool = False) -> None:
     """Set (or, with None, remove) one entry of ``root/manifest.yaml``, keeping the others and their order;
-    ``lead``: True makes it the zoo's flagship, False takes that away from it, None leaves the flagship as it is."""
+    ``flagship`` makes it the zoo's flagship (a removed entry stops being it)."""
     import yaml
 
     path = root / "manifest.yaml"
@@ -154,9 +154,9 @@ def _write_manifest(root: Path, name: str, entry: Mapping[str, Any] | None, lead
     else:
         entries[name] = dict(entry)
     data["entries"] = entries
-    if lead:
+    if flagship:
         data["flagship"] = name
-    elif data.get("flagship") == name and (lead is False or entry is None):
+    elif entry is None and data.get("flagship") == name:
         data.pop("flagship")
     header = "# The model zoo: see nuclei_d2/model_zoo/manifest.py for the format, docs/model_zoo.md for the entries.\n"
     atomic_write(path, lambda p: p.write_text(header + yaml.safe_dump(data, sort_keys=False, width=120)))
@@ -262,7 +262,7 @@ def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | o
         for rel, src in [(cfg_rel, zcfg_file), (weights_rel, packed),
                          *[(rel, tmpdir / Path(rel).name) for rel, _ in sub_configs.values()]]:
             atomic_write(root / rel, lambda p, s=src: shutil.copyfile(s, p))
-    _write_manifest(root, name, entry, lead=True if flagship else None)
+    _write_manifest(root, name, entry, flagship)
     logger.info("zoo entry %s: %s, %.1f MB, check AJI %s", name, dtype, (root / weights_rel).stat().st_size / 1e6,
                 card_out["check"]["AJI"])
     return entry
@@ -302,5 +302,5 @@ def add_ensemble_entry(name: str, members: Sequence[str], *, root: str | os.Path
     entry["card"]["check"] = {"dataset": check_dataset, "images": [r["image"] for r in ref],
                               "AJI": [round(r["AJI"], 4) for r in ref], "PQ": [round(r["PQ"], 4) for r in ref],
                               "tolerance": 0.02}
-    _write_manifest(root, name, entry, lead=True if flagship else None)
+    _write_manifest(root, name, entry, flagship)
     return entry
