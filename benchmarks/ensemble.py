@@ -311,19 +311,24 @@ class Member:
         from nuclei_d2.modeling import build_nuclei_model
 
         self.name, self.config, self.weights = name, config, weights
+        # overrides a member needs beyond its config file (a zoo entry's sub-model config files)
+        self.sub_opts: list[str] = []
         where = f"--member {name}"
         zoo_minutes = float("nan")
         if config.startswith("zoo:"):  # checked against the manifest's sha256, then used as a config file
             from nuclei_d2.model_zoo import get_entry, resolve_zoo_config
 
             zoo_minutes = float((get_entry(config[4:]).card.get("training") or {}).get("minutes", float("nan")))
-            config = self.config = resolve_zoo_config(config)[0]
+            config, zoo_opts = resolve_zoo_config(config)
+            self.config = config
+            pairs = list(zip(zoo_opts[::2], zoo_opts[1::2], strict=True))
+            self.sub_opts = [x for k, v in pairs if k != "MODEL.WEIGHTS" for x in (k, v)]
         if not os.path.isfile(config):
             raise ConfigError(f"{where}: config file not found: {config}")
         if "://" not in weights and not os.path.isfile(weights):
             raise ConfigError(f"{where}: weights file not found: {weights}")
-        overrides = [*opts, "MODEL.WEIGHTS", weights, "DATASETS.TEST", repr((dataset,)), "TEST.ENSEMBLE.WEIGHTS",
-                     "[]", "TEST.ENSEMBLE.CONFIGS", "[]"]
+        overrides = [*self.sub_opts, *opts, "MODEL.WEIGHTS", weights, "DATASETS.TEST", repr((dataset,)),
+                     "TEST.ENSEMBLE.WEIGHTS", "[]", "TEST.ENSEMBLE.CONFIGS", "[]", "TEST.ENSEMBLE.OPTS", "[]"]
         if tta_off:
             overrides += ["TEST.AUG.ENABLED", "False"]
         try:
@@ -482,9 +487,11 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
     if inputs == input_channel_names(cfg):  # what tools/train_net.py can do: the first member's inputs serve all
         others = members[1:]
         command = " ".join([
-            "python tools/train_net.py --config-file", first.config, "--eval-only", *opts, "MODEL.WEIGHTS",
-            first.weights, "DATASETS.TEST", f"\"('{dataset}',)\"", "TEST.ENSEMBLE.WEIGHTS",
+            "python tools/train_net.py --config-file", first.config, "--eval-only", *first.sub_opts, *opts,
+            "MODEL.WEIGHTS", first.weights, "DATASETS.TEST", f"\"('{dataset}',)\"", "TEST.ENSEMBLE.WEIGHTS",
             f"\"{[m.weights for m in others]}\"", "TEST.ENSEMBLE.CONFIGS", f"\"{[m.config for m in others]}\"",
+            *(["TEST.ENSEMBLE.OPTS", f"\"{[m.sub_opts for m in others]}\""] if any(m.sub_opts for m in others)
+              else []),
             "TEST.MERGE.MODE", merge, "TEST.MERGE.MIN_VOTES", str(min_votes), "TEST.MERGE.IOU_THRESHOLD", f"{iou:g}",
             *(["TEST.AUG.ENABLED", "False"] if tta_off else [])])
     w.eval()

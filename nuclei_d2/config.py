@@ -564,6 +564,9 @@ def _add_tta_config(cfg: CN) -> None:
     # channels than the main config provides (they are selected by name).
     e.WEIGHTS = []
     e.CONFIGS = []
+    # Per-member KEY VALUE overrides applied after the member's config: none, or one list per weights file, e.g.
+    # [["MODEL.TWO_STAGE.STAGE1.CONFIG", "stage1.yaml"], []] (a member whose sub-model needs its own config file).
+    e.OPTS = []
     m = cfg.TEST.MERGE = CN()
     # How predictions are merged: "probs" averages the probability maps of dense models (U-Nets, BRP-Net) and
     # post-processes the mean once; "shared" averages, across dense models of different methods, the maps of one

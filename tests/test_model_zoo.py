@@ -172,6 +172,44 @@ def test_ensemble_entry_loads_its_members(zoo, tmp_path, monkeypatch):
         model_zoo.get_config("nb-pair")
 
 
+def test_ensemble_member_with_a_submodel_config_need_not_come_first(zoo, tmp_path, monkeypatch):
+    """The shipped two-stage U-Net (its stage-1 net has a config file of its own) as the second member of an ensemble:
+    its sub-model config reaches it through TEST.ENSEMBLE.OPTS, and the member builds with that stage-1 net."""
+    root = _copy_zoo(zoo, tmp_path / "zoo")
+    shipped = yaml.safe_load((PACKAGE_ZOO / "manifest.yaml").read_text())["entries"]
+    member = shipped["two_stage_unet-monuseg"]
+    assert member["submodel_configs"], "the shipped two-stage entry has a stage-1 config file"
+    for rel in [member["config"], member["weights"], *(f["file"] for f in member["submodel_configs"].values())]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(PACKAGE_ZOO / rel, root / rel)
+    manifest = yaml.safe_load((root / "manifest.yaml").read_text())
+    manifest["entries"]["two_stage_unet-monuseg"] = member
+    manifest["entries"]["mixed"] = {"kind": "ensemble", "members": ["nb-tiny", "two_stage_unet-monuseg"],
+                                    "overrides": {"TEST.MERGE.MODE": "instances"}}
+    (root / "manifest.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+    monkeypatch.setenv(model_zoo.ZOO_ENV, str(root))
+    cfg = model_zoo.get_config("mixed")
+    stage1 = str(root / next(iter(member["submodel_configs"].values()))["file"])
+    assert [list(o) for o in cfg.TEST.ENSEMBLE.OPTS] == [[next(iter(member["submodel_configs"])), stage1]]
+    model = model_zoo.get("mixed")
+    assert [type(m).__name__ for m in model.models] == ["NucleusBoundaryUNet", "TwoStageUNet"]
+    assert model_zoo.get_config("mixed", trained=False).TEST.ENSEMBLE.OPTS == []
+
+
+def test_ensemble_opts_must_pair_with_the_weights(tiny_run):
+    from nuclei_d2.config import build_cfg
+    from nuclei_d2.inference.ensemble import load_ensemble_members
+
+    cfg = build_cfg(str(tiny_run / "config.yaml"), ["MODEL.DEVICE", "cpu"])
+    weights = [str(tiny_run / "model_final.pth")]
+    with pytest.raises(ValueError, match="TEST.ENSEMBLE.OPTS lists 2 override lists for 1 weights files"):
+        load_ensemble_members(cfg, weights, opts=[[], []])
+    with pytest.raises(ValueError, match=r"TEST.ENSEMBLE.OPTS\[0\] .* KEY VALUE pairs"):
+        load_ensemble_members(cfg, weights, opts=[["MODEL.NB.THRESHOLD"]])
+    (member,) = load_ensemble_members(cfg, weights, opts=[["MODEL.NB.THRESHOLD", "0.9"]])
+    assert member.model.post["threshold"] == pytest.approx(0.9) and cfg.MODEL.NB.THRESHOLD != pytest.approx(0.9)
+
+
 def test_ensemble_build_failure_leaves_the_manifest_as_it_was(zoo, tmp_path):
     root = _copy_zoo(zoo, tmp_path / "zoo")
     before = (root / "manifest.yaml").read_text()

@@ -202,6 +202,7 @@ def pack_model_entry(name: str, config_file: str, weights: str, *, root: str | o
     zcfg.MODEL.WEIGHTS = ""
     zcfg.TEST.ENSEMBLE.WEIGHTS = []
     zcfg.TEST.ENSEMBLE.CONFIGS = []
+    zcfg.TEST.ENSEMBLE.OPTS = []
     zcfg.OUTPUT_DIR = f"./output/{name}"
     sub_configs: dict[str, Any] = {}
     for spec in submodels_of(cfg):  # their weights are inside the model's state dict: ship their configs only

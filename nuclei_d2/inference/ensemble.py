@@ -50,7 +50,8 @@ def _channel_map(member_names: Sequence[str], input_names: Sequence[str], what: 
     return index
 
 
-def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[str] = ()) -> list[EnsembleMember]:
+def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[str] = (),
+                          opts: Sequence[Sequence[str]] = ()) -> list[EnsembleMember]:
     """Build and load one model per weights file, in eval mode.
 
     Args:
@@ -58,32 +59,44 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         weights: ``.pth``/``.pkl`` files (``TEST.ENSEMBLE.WEIGHTS``).
         configs: config files of the members (``TEST.ENSEMBLE.CONFIGS``): empty (every member has the main
             config's architecture), one (shared by all) or one per weights file.
+        opts: per-member ``KEY VALUE`` overrides (``TEST.ENSEMBLE.OPTS``): empty, or one list per weights file,
+            applied after the member's config (e.g. the config file of a member's own sub-model).
 
     Raises:
         FileNotFoundError: a weights or config file does not exist (the message names it).
-        ValueError: ``configs`` has a bad length, or a member needs an input channel the main config lacks.
+        ValueError: ``configs`` or ``opts`` has a bad length, or a member needs an input channel the main config
+            lacks.
     """
     from ..checkpoint import NucleiCheckpointer
     from ..config import build_cfg, input_channel_names
     from ..modeling.build import build_nuclei_model
 
-    weights, configs = list(weights), list(configs)
+    weights, configs, opts = list(weights), list(configs), [list(o) for o in opts]
     if configs and len(configs) not in (1, len(weights)):
         raise ValueError(f"TEST.ENSEMBLE.CONFIGS lists {len(configs)} files for {len(weights)} weights files: give "
                          "none, one (shared) or one per weights file")
+    if opts and len(opts) != len(weights):
+        raise ValueError(f"TEST.ENSEMBLE.OPTS lists {len(opts)} override lists for {len(weights)} weights files: "
+                         "give none or one per weights file")
+    for i, o in enumerate(opts):
+        if len(o) % 2:
+            raise ValueError(f"TEST.ENSEMBLE.OPTS[{i}] = {o!r}: expected KEY VALUE pairs (an even number of items)")
     input_names = input_channel_names(cfg)
     members = []
     for i, path in enumerate(weights):
         if "://" not in path and not os.path.isfile(os.path.expanduser(path)):
             raise FileNotFoundError(f"TEST.ENSEMBLE.WEIGHTS[{i}]: weights file not found: {path!r}")
         mcfg, cfile = cfg, None
+        member_opts = [str(v) for v in opts[i]] if opts else []
         if configs:
             cfile = configs[i] if len(configs) > 1 else configs[0]
             if not os.path.isfile(cfile):
                 raise FileNotFoundError(f"TEST.ENSEMBLE.CONFIGS: config file not found: {cfile!r}")
-            mcfg = build_cfg(cfile, ["MODEL.DEVICE", cfg.MODEL.DEVICE])
+            mcfg = build_cfg(cfile, ["MODEL.DEVICE", cfg.MODEL.DEVICE, *member_opts])
         mcfg = mcfg.clone()
         mcfg.defrost()
+        if member_opts and not configs:
+            mcfg.merge_from_list(member_opts)
         mcfg.MODEL.WEIGHTS = path
         model = build_nuclei_model(mcfg)
         # the main config's MODEL.CHECKPOINT flags (the user's command line) govern every member's file

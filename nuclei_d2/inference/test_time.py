@@ -315,14 +315,23 @@ def build_test_time_wrapper(cfg: Any, model: nn.Module) -> nn.Module:
     if not tta_on and not weights:
         return model
     main = os.path.realpath(os.path.expanduser(cfg.MODEL.WEIGHTS)) if cfg.MODEL.WEIGHTS else None
-    extra = []
-    for w in weights:
+    configs, opts = list(cfg.TEST.ENSEMBLE.CONFIGS), [list(o) for o in cfg.TEST.ENSEMBLE.OPTS]
+    keep = []
+    for i, w in enumerate(cfg.TEST.ENSEMBLE.WEIGHTS):
+        if not w:
+            continue
         if main and "://" not in w and os.path.realpath(os.path.expanduser(w)) == main:
             logger.info("TEST.ENSEMBLE.WEIGHTS: %s is MODEL.WEIGHTS (the evaluated model): not loaded twice", w)
             continue
-        extra.append(w)
+        keep.append(i)
+    extra = [cfg.TEST.ENSEMBLE.WEIGHTS[i] for i in keep]
+    # per-member lists stay aligned with the weights that remain (one shared config file stays shared)
+    if len(configs) > 1 and len(configs) == len(cfg.TEST.ENSEMBLE.WEIGHTS):
+        configs = [configs[i] for i in keep]
+    if opts and len(opts) == len(cfg.TEST.ENSEMBLE.WEIGHTS):
+        opts = [opts[i] for i in keep]
     members: list[nn.Module | EnsembleMember] = [EnsembleMember(unwrap_model(model), None, "main")]
-    members += load_ensemble_members(cfg, extra, list(cfg.TEST.ENSEMBLE.CONFIGS))
+    members += load_ensemble_members(cfg, extra, configs, opts)
     transforms = parse_tta_transforms(list(cfg.TEST.AUG.TRANSFORMS), float(cfg.TEST.AUG.HUE_DELTA)) if tta_on \
         else parse_tta_transforms(["identity"])
     m = cfg.TEST.MERGE

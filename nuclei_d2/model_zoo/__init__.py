@@ -62,6 +62,7 @@ def get_config(name: str, trained: bool = True, opts: list[str] | None = None, r
         cfg.MODEL.WEIGHTS = ""
         cfg.TEST.ENSEMBLE.WEIGHTS = []
         cfg.TEST.ENSEMBLE.CONFIGS = []
+        cfg.TEST.ENSEMBLE.OPTS = []
     return cfg
 
 

@@ -188,30 +188,34 @@ def verify_entry(entry: ZooEntry, root: str | os.PathLike | None = None) -> None
                                       "or rebuild the entry (docs/model_zoo.md)")
 
 
-def _member_overrides(entry: ZooEntry) -> list[str]:
-    """Config overrides that load a model entry's own files: its weights, its sub-model configs."""
-    opts = ["MODEL.WEIGHTS", str(entry.weights_path)]
+def _submodel_overrides(entry: ZooEntry) -> list[str]:
+    """Config overrides that point a model entry's sub-models at the config files shipped beside it."""
+    opts = []
     for key, f in entry.submodel_configs.items():
         opts += [key, str(entry.root / str(f.get("file", "")))]
     return opts
 
 
+def _member_overrides(entry: ZooEntry) -> list[str]:
+    """Config overrides that load a model entry's own files: its weights, its sub-model configs."""
+    return ["MODEL.WEIGHTS", str(entry.weights_path), *_submodel_overrides(entry)]
+
+
 def resolve_zoo_config(spec: str, root: str | os.PathLike | None = None) -> tuple[str, list[str]]:
     """``zoo:NAME`` -> (config file, overrides) after :func:`verify_entry`: the file to merge and the ``KEY VALUE``
     pairs that point the config at the entry's verified files (an ensemble: its first member's config, the others
-    as ``TEST.ENSEMBLE.WEIGHTS`` / ``CONFIGS``, then its ``overrides``, e.g. ``TEST.MERGE`` settings). User
-    overrides go after these."""
+    as ``TEST.ENSEMBLE.WEIGHTS`` / ``CONFIGS`` / ``OPTS`` (their sub-model config files), then its ``overrides``,
+    e.g. ``TEST.MERGE`` settings). User overrides go after these."""
     name = spec[len(ZOO_PREFIX):] if spec.startswith(ZOO_PREFIX) else spec
     entry = get_entry(name, root)
     verify_entry(entry, root)
     if entry.kind == "model":
         return str(entry.config_path), _member_overrides(entry)
     first, *others = [get_entry(m, root) for m in entry.members]
-    if any(o.submodel_configs for o in others):
-        raise ConfigError(f"zoo entry {name!r}: only its first member may use sub-model configs")
     opts = _member_overrides(first)
     opts += ["TEST.ENSEMBLE.WEIGHTS", repr([str(o.weights_path) for o in others]),
-             "TEST.ENSEMBLE.CONFIGS", repr([str(o.config_path) for o in others])]
+             "TEST.ENSEMBLE.CONFIGS", repr([str(o.config_path) for o in others]),
+             "TEST.ENSEMBLE.OPTS", repr([_submodel_overrides(o) for o in others])]
     for key, value in entry.overrides.items():
         opts += [str(key), str(value)]
     return str(first.config_path), opts
