@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--held-out", default="",
                    help="nuclei_results.json of the same recipe trained on kumar_train, evaluated on kumar_test")
     p.add_argument("--held-out-command", default="", help="the commands that produced --held-out (for the card)")
+    p.add_argument("--held-out-note", default="",
+                   help="a remark on the held-out numbers for the card (e.g. when and where they were measured)")
     p.add_argument("--description", default="", help="one line for the zoo table")
     # (comma-separated values, not nargs="+": that would swallow the KEY VALUE overrides that end the command)
     p.add_argument("--trained-on", default="", help="datasets the shipped weights were trained on, comma-separated")
@@ -71,8 +73,9 @@ def main(argv=None) -> int:
     training = {k: v for k, v in (("minutes", args.minutes), ("command", args.command)) if v}
     if training:
         card["training"] = training
-    if args.held_out_command:
-        card["held_out"] = {"command": args.held_out_command}
+    held = {k: v for k, v in (("command", args.held_out_command), ("note", args.held_out_note)) if v}
+    if held:
+        card["held_out"] = held
     try:
         if args.ensemble:
             entry = add_ensemble_entry(args.name, args.ensemble, root=args.zoo, overrides=dict(args.set),
