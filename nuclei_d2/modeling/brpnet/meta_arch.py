@@ -196,7 +196,8 @@ class BRPNet(DenseSegmentor):
             "stage1": SubModel.from_config(cfg, STAGE1, "stage-1 TAFE"),
             "allow_pickle": bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE),
         }
-        if int(b.TRAIN_STAGE) == 2 and not b.STAGE1.WEIGHTS and not cfg.MODEL.WEIGHTS and cfg.INFERENCE.RUNTIME == "torch":
+        if int(b.TRAIN_STAGE) == 2 and not b.STAGE1.WEIGHTS and not cfg.MODEL.WEIGHTS \
+                and cfg.INFERENCE.RUNTIME == "torch":  # (an exported runtime brings its own networks)
             logger.warning("MODEL.BRPNET.TRAIN_STAGE is 2 but neither MODEL.BRPNET.STAGE1.WEIGHTS nor MODEL.WEIGHTS is "
                            "set: proposals come from an untrained TAFE")
         return kwargs
