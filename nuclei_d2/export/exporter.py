@@ -85,7 +85,7 @@ def _export_torchscript(module: nn.Module, example: tuple[torch.Tensor, ...], pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example, check_trace=False)
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))  # ("deprecated" in favour of torch.export: but the format libtorch reads)
 
 
 def _run_exported(path: Path, fmt: str, io: NetworkIO, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -97,7 +97,9 @@ def _run_exported(path: Path, fmt: str, io: NetworkIO, inputs: tuple[torch.Tenso
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         outs = sess.run(list(io.outputs), {n: t.numpy() for n, t in zip(io.inputs, inputs, strict=True)})
         return tuple(torch.from_numpy(np.asarray(o)) for o in outs)
-    loaded = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = torch.jit.load(str(path), map_location="cpu")
     return _as_tuple(loaded(*inputs))
 
 
