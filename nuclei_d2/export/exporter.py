@@ -61,7 +61,7 @@ def _check_inputs(io: NetworkIO) -> tuple[tuple[torch.Tensor, ...], tuple[torch.
     h, w = example[0].shape[-2:]
     m = max(1, io.size_multiple)
     other = None if io.fixed_size is not None else (h + 2 * m * max(1, 8 // m), w + 3 * m * max(1, 8 // m))
-    return example, io.example_inputs(batch=3 if io.dynamic_batch else 1, size=other, seed=1)
+    return example, io.example_inputs(batch=3 if io.dynamic_batch and not io.image_input else 1, size=other, seed=1)
 
 
 def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
@@ -69,12 +69,7 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _export_onnx(module: nn.Module, io: NetworkIO, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    axes: dict[int, str] = {}
-    if io.dynamic_batch:
-        axes[0] = "batch"
-    if io.fixed_size is None:
-        axes.update({2: "height", 3: "width"})
-    dynamic = {n: dict(axes) for n in (*io.inputs, *io.outputs)}
+    dynamic = io.dynamic_axes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python checks on shapes, the exporter's deprecation
         torch.onnx.export(module, example, str(path), input_names=list(io.inputs), output_names=list(io.outputs),

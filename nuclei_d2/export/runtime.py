@@ -51,16 +51,19 @@ class ExportedNetwork:
         self.spec = dict(spec)
         self._run = run
         self.where = where
-        self.channels = [int(t["shape"][1]) for t in spec["inputs"]]
+        # B x C x H x W inputs, or single C x H x W images (``image_input``: the R-CNN's "rcnn")
+        self.dims = [len(t["shape"]) for t in spec["inputs"]]
+        self.channels = [int(t["shape"][-3]) for t in spec["inputs"]]
         self.fixed_size = tuple(spec["fixed_size"]) if spec.get("fixed_size") else None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.channels):
             raise ValueError(f"{self.where}: network {self.name!r} takes {len(self.channels)} inputs, got "
                              f"{len(inputs)}")
-        for t, c in zip(inputs, self.channels, strict=True):
-            if t.dim() != 4 or t.shape[1] != c:
-                raise ValueError(f"{self.where}: network {self.name!r} takes B x {c} x H x W, got {tuple(t.shape)}")
+        for t, c, d in zip(inputs, self.channels, self.dims, strict=True):
+            if t.dim() != d or t.shape[-3] != c:
+                want = f"{c} x H x W" if d == 3 else f"B x {c} x H x W"
+                raise ValueError(f"{self.where}: network {self.name!r} takes {want}, got {tuple(t.shape)}")
         h, w = (int(s) for s in inputs[0].shape[-2:])
         if self.fixed_size is not None and (h, w) != self.fixed_size:
             raise ValueError(f"{self.where}: network {self.name!r} takes {self.fixed_size[0]} x {self.fixed_size[1]} "

@@ -77,6 +77,8 @@ def build_sidecar(model: Any, cfg: Any, fmt: str, networks: Mapping[str, Any], c
 
     arch = str(cfg.MODEL.META_ARCHITECTURE)
     post_keys = list(getattr(model, "postprocess_keys", ()))
+    # keys baked into the exported networks or read around them (an R-CNN's score / NMS thresholds), for the reader
+    post_keys += [k for k in getattr(model, "export_keys", ()) if k not in post_keys]
     method_node = {"NucleusBoundaryUNet": "MODEL.NB", "TwoStageUNet": "MODEL.TWO_STAGE",
                    "BRPNet": "MODEL.BRPNET"}.get(arch)
     for extra in ("INFERENCE", "DISTANCE_ACTIVATION", "HV_HEAD"):
@@ -105,7 +107,7 @@ def build_sidecar(model: Any, cfg: Any, fmt: str, networks: Mapping[str, Any], c
         },
         "tiling": tiling,
         "postprocess": {k: _config_value(cfg, k) for k in post_keys},
-        "outputs": list(getattr(model, "prob_names", ())),
+        "outputs": list(getattr(model, "prob_names", ()) or getattr(model, "output_names", ())),
         "networks": dict(networks),
     }
 
@@ -178,12 +180,13 @@ def read_sidecar(folder: str | os.PathLike, *, verify: bool = True) -> dict[str,
         if spec["size_multiple"] < 1 or spec["pad_mode"] not in ("reflect", "replicate", "constant"):
             raise ExportError(f"{path}: network {name!r} has size_multiple {spec['size_multiple']} / pad_mode "
                               f"{spec['pad_mode']!r} (need >= 1 / reflect, replicate or constant)")
-        for kind in ("inputs", "outputs"):
+        for kind, dims in (("inputs", (3, 4)), ("outputs", range(1, 5))):
             if not spec[kind] or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                         and isinstance(t.get("shape"), list) and len(t["shape"]) == 4
+                                         and isinstance(t.get("shape"), list) and len(t["shape"]) in dims
                                          for t in spec[kind]):
+                what = "[B, C, H, W] (or [C, H, W])" if kind == "inputs" else "1 to 4 dims"
                 raise ExportError(f"{path}: network {name!r} {kind} must be a non-empty list of "
-                                  "{name, shape: [B, C, H, W]}")
+                                  f"{{name, shape: {what}}}")
         file = _own_file(folder, spec["file"], path, f"network {name!r}")
         if verify:
             _check_sha256(file, spec["sha256"], path, f"network {name!r}")

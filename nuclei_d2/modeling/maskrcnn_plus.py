@@ -36,6 +36,7 @@ names a file, that file wins over any ``distance_unet.*`` weights in ``MODEL.WEI
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -230,8 +231,6 @@ class MaskRCNNPlus(NucleiRCNN):
         the distance channel is not predicted."""
         if self.distance_index is None or self.distance_source != "unet" or self.distance_unet is None:
             return None
-        if not hasattr(self.distance_unet, "network_modules"):  # interim, until the dense networks land
-            return None
         names = list(self.distance_unet.network_modules())
         if len(names) != 1:
             raise ValueError(f"Mask R-CNN+: the distance U-Net runs {names} at inference, expected one network")
@@ -243,7 +242,16 @@ class MaskRCNNPlus(NucleiRCNN):
         nets = super().network_modules()
         inner = self._distance_network_name()
         if inner is not None:
-            nets["distance"] = self.distance_unet.network_modules()[inner]
+            net = self.distance_unet.network_modules()[inner]
+            du = self.distance_unet
+            mean = [round(float(v), 4) for v in du.pixel_mean.flatten()]
+            std = [round(float(v), 4) for v in du.pixel_std.flatten()]
+            channels = [self.channel_names[i] for i in self.distance_channels]
+            net.io = dataclasses.replace(net.io, meaning=(
+                f"Mask R-CNN+'s distance U-Net: input the channels {channels} normalised with ITS OWN mean {mean} / "
+                f"std {std} (not the preprocessing above), tiled like its config's MODEL.TILING; output "
+                f"{net.io.meaning}, clipped to [0, 1] and x255 into the 'distance' channel of the rcnn input"))
+            nets["distance"] = net
         return nets
 
     def set_runtime(self, runtime: Any) -> None:

@@ -28,7 +28,8 @@ from detectron2.structures import Boxes, Instances, ROIMasks
 from torch import nn
 
 from ..structures import CropMasks, NucleiInstances
-from .rcnn_network import RCNNNetwork, check_exportable
+from .networks import ExportableNetworks
+from .rcnn_network import OUTPUT_NAMES, RCNNNetwork, unsupported_reason
 
 __all__ = ["NucleiRCNN", "crop_postprocess"]
 
@@ -88,22 +89,22 @@ def _paste_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: i
 
 
 @META_ARCH_REGISTRY.register()
-class NucleiRCNN(GeneralizedRCNN):
+class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
     """``MODEL.META_ARCHITECTURE: NucleiRCNN``: ``GeneralizedRCNN`` whose post-processing is
     :func:`crop_postprocess` (same weights, same detections; nuclei as crops instead of ``N x H x W`` masks), and
     whose learned part runs as the network "rcnn" (see the module docstring)."""
 
     #: Name of the R-CNN network in :meth:`networks`.
     rcnn_network = "rcnn"
+    #: The "rcnn" network's outputs (the export sidecar's "outputs").
+    output_names = OUTPUT_NAMES
+    #: Config keys baked into the exported "rcnn" network, recorded in the export sidecar for its readers.
+    export_keys = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.DETECTIONS_PER_IMAGE")
 
     @property
     def export_unsupported(self) -> str | None:
-        """Why this model cannot run as exported networks (None: it can)."""
-        try:
-            check_exportable(self)
-        except ValueError as e:
-            return str(e)
-        return None
+        """Why this model cannot run as exported networks (None: it can): :func:`unsupported_reason`."""
+        return unsupported_reason(self)
 
     def network_modules(self) -> dict[str, nn.Module]:
         """``{"rcnn": RCNNNetwork}`` (built on demand around this model's own modules; not a registered child)."""
@@ -135,30 +136,3 @@ class NucleiRCNN(GeneralizedRCNN):
         return [{"instances": crop_postprocess(r, inp.get("height", r.image_size[0]),
                                                inp.get("width", r.image_size[1]))}
                 for r, inp in zip(results, batched_inputs)]
-
-    # ---- the network contract (interim: the shared mixin of nuclei_d2/modeling/networks.py replaces these) ---------
-    def networks(self) -> dict[str, nn.Module]:
-        """The tensor-in / tensor-out networks inference runs, by stable name, in eval mode."""
-        reason = self.export_unsupported
-        if reason:
-            raise ValueError(reason)
-        return {name: m.eval() for name, m in self.network_modules().items()}
-
-    @property
-    def runtime(self) -> Any:
-        return self.__dict__.get("_network_runtime")
-
-    def set_runtime(self, runtime: Any) -> None:
-        if runtime is None:
-            self.__dict__.pop("_network_runtime", None)
-            return
-        unknown = sorted(set(runtime) - set(self.network_modules()))
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: the runtime has networks {unknown} this model does not have")
-        self.__dict__["_network_runtime"] = dict(runtime)
-
-    def run_network(self, name: str, *inputs: torch.Tensor) -> Any:
-        runtime = self.__dict__.get("_network_runtime")
-        if runtime is not None and name in runtime:
-            return runtime[name](*inputs)
-        return self.network_modules()[name](*inputs)

@@ -35,39 +35,58 @@ from detectron2.modeling.roi_heads.mask_head import BaseMaskRCNNHead
 from detectron2.structures import Boxes, ImageList
 from torch import nn
 
-__all__ = ["OUTPUT_NAMES", "RCNNNetwork", "check_exportable"]
+from .networks import NetworkIO, NotExportableError
+
+__all__ = ["OUTPUT_NAMES", "RCNNNetwork", "check_exportable", "rcnn_network_io", "unsupported_reason"]
 
 #: Names of the network's outputs, in order (also the ONNX output names).
 OUTPUT_NAMES = ("boxes", "scores", "classes", "masks")
 
 
-def check_exportable(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the meta-architecture and the part that keeps it from running as an
-    :class:`RCNNNetwork` (and so from being exported)."""
-    name = type(model).__name__
+def rcnn_network_io(channels: int, mask_side: int, channel_names: tuple[str, ...] = ()) -> NetworkIO:
+    """The :class:`NetworkIO` of an R-CNN network: one raw ``C x H x W`` image in, per-detection tensors out."""
+    names = f" ({', '.join(channel_names)})" if channel_names else ""
+    return NetworkIO(
+        inputs=("image",), outputs=OUTPUT_NAMES, channels=(channels,), out_channels=(4, 1, 1, 1), size_multiple=1,
+        pad_mode="constant", dynamic_batch=False, image_input=True,
+        output_shapes=(("detections", 4), ("detections",), ("detections",), ("detections", 1, mask_side, mask_side)),
+        output_dtypes=("float32", "float32", "int64", "float32"),
+        meaning=(f"R-CNN on one {channels} x H x W image{names}, 0-255 float, not normalised (the network normalises "
+                 "and pads): boxes XYXY in input pixels, scores, classes, masks = per-detection mask probabilities "
+                 "in the box (paste each into its box, threshold 0.5), highest score first"))
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run as an :class:`RCNNNetwork` (and so cannot be exported), or None when it can."""
     rh = getattr(model, "roi_heads", None)
-
-    def fail(why: str) -> None:
-        raise ValueError(f"{name} cannot run as one exported network: {why}")
-
-    if not isinstance(getattr(model, "proposal_generator", None), RPN):
-        fail("it needs Detectron2's RPN as proposal generator (precomputed proposals are an input the export has no "
-             f"place for; got {type(getattr(model, 'proposal_generator', None)).__name__})")
+    pg = getattr(model, "proposal_generator", None)
+    if not isinstance(pg, RPN):
+        return ("it needs Detectron2's RPN as proposal generator (precomputed proposals are an input the export has "
+                f"no place for; got {type(pg).__name__})")
     if not isinstance(rh, StandardROIHeads) or type(rh).forward_with_given_boxes is not \
             StandardROIHeads.forward_with_given_boxes:
-        fail(f"only StandardROIHeads-style ROI heads are supported (got {type(rh).__name__}; cascade heads run "
-             "several box stages the exported box inference does not)")
+        return (f"only StandardROIHeads-style ROI heads are supported (got {type(rh).__name__}; cascade heads run "
+                "several box stages the exported box inference does not)")
     if type(rh.box_predictor) is not FastRCNNOutputLayers or rh.box_predictor.use_sigmoid_ce:
-        fail(f"the box predictor must be Detectron2's softmax FastRCNNOutputLayers (got "
-             f"{type(rh.box_predictor).__name__})")
+        return (f"the box predictor must be Detectron2's softmax FastRCNNOutputLayers (got "
+                f"{type(rh.box_predictor).__name__})")
     if getattr(rh, "keypoint_on", False):
-        fail("keypoint heads are not exported (nuclei models have none)")
+        return "keypoint heads are not exported (nuclei models have none)"
     if not rh.mask_on or rh.mask_pooler is None or not isinstance(rh.mask_head, BaseMaskRCNNHead) \
             or not hasattr(rh.mask_head, "layers"):
-        fail("it needs a mask head with a layers() method (MODEL.MASK_ON and a BaseMaskRCNNHead subclass): the "
-             "pooled features (MODEL.ROI_MASK_HEAD.POOLER_TYPE): the exported file returns mask probabilities")
+        return ("it needs a mask head with a layers() method (MODEL.MASK_ON and a BaseMaskRCNNHead subclass) on "
+                "pooled features (MODEL.ROI_MASK_HEAD.POOLER_TYPE): the exported file returns mask probabilities")
     if rh.box_predictor.test_topk_per_image < 0:
-        fail("TEST.DETECTIONS_PER_IMAGE must be >= 0 (a bounded number of detections)")
+        return "TEST.DETECTIONS_PER_IMAGE must be >= 0 (a bounded number of detections)"
+    return None
+
+
+def check_exportable(model: nn.Module) -> None:
+    """Raise :class:`~nuclei_d2.modeling.networks.NotExportableError` naming the meta-architecture and the part that
+    keeps it from running as an :class:`RCNNNetwork` (see :func:`unsupported_reason`)."""
+    reason = unsupported_reason(model)
+    if reason:
+        raise NotExportableError(f"{type(model).__name__} cannot be exported: {reason}")
 
 
 class RCNNNetwork(nn.Module):
@@ -90,6 +109,18 @@ class RCNNNetwork(nn.Module):
         self.nms_thresh = float(predictor.test_nms_thresh)
         self.topk = int(predictor.test_topk_per_image)
         self.num_bbox_reg_classes = int(predictor.bbox_pred.out_features) // 4
+        self.channel_names = tuple(getattr(model, "channel_names", ()))
+
+    @property
+    def io(self) -> NetworkIO:
+        """Its inputs and outputs for the exporter (the mask side is probed from the mask head: 2x the pooled side
+        for Detectron2's deconvolution and the dual-modal head's pixel shuffle)."""
+        side = int(self.roi_heads.mask_pooler.output_size[0])
+        channels = int(self.backbone.output_shape()[self.roi_heads.mask_in_features[0]].channels)
+        with torch.no_grad():
+            probe = self.roi_heads.mask_head.layers(torch.zeros(1, channels, side, side,
+                                                                device=self.pixel_mean.device))
+        return rcnn_network_io(self.in_channels, int(probe.shape[-1]), self.channel_names)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``C x H x W`` 0-255 float image -> (boxes, scores, classes, masks); see :data:`OUTPUT_NAMES`."""
