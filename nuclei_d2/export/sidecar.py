@@ -85,6 +85,8 @@ def build_sidecar(model: Any, cfg: Any, fmt: str, networks: Mapping[str, Any], c
         key = f"{method_node}.{extra}" if method_node else ""
         if key and key not in post_keys and extra in _config_value(cfg, method_node):
             post_keys.append(key)
+    # networks that take the raw 0-255 image and normalise it themselves (the R-CNNs' "rcnn")
+    inside = any(bool(n.get("image_input")) for n in networks.values())
     tiling = {f"MODEL.TILING.{k}": _plain(v) for k, v in cfg.MODEL.TILING.items()}
     tiling.update({f"INFERENCE.{k}": _plain(cfg.INFERENCE[k]) for k in ("TILE_SIZE", "OVERLAP", "BATCH_SIZE")})
     return {
@@ -98,11 +100,13 @@ def build_sidecar(model: Any, cfg: Any, fmt: str, networks: Mapping[str, Any], c
         "preprocessing": {
             "input_range": [0, 255],
             "channel_order": input_channel_names(cfg),
-            "layout": "NCHW",
+            "layout": "CHW" if inside else "NCHW",
             "dtype": "float32",
             "pixel_mean": [float(v) for v in cfg.MODEL.PIXEL_MEAN],
             "pixel_std": [float(v) for v in cfg.MODEL.PIXEL_STD],
-            "normalize": "x = (pixel - pixel_mean[c]) / pixel_std[c] per channel c, pixels 0-255 as float32",
+            "normalize": ("done inside the network: give it the 0-255 pixels as float32 (pixel_mean / pixel_std "
+                          "listed for reference)") if inside else
+                         "x = (pixel - pixel_mean[c]) / pixel_std[c] per channel c, pixels 0-255 as float32",
             "extra_channels": list(cfg.INPUT.EXTRA_CHANNELS),
         },
         "tiling": tiling,
