@@ -102,6 +102,11 @@ class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
     export_keys = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.DETECTIONS_PER_IMAGE")
 
     @property
+    def in_channels(self) -> int:
+        """Channels of the input image (RGB + ``INPUT.EXTRA_CHANNELS``), as the dense models say it."""
+        return int(self.pixel_mean.numel())
+
+    @property
     def export_unsupported(self) -> str | None:
         """Why this model cannot run as exported networks (None: it can): :func:`unsupported_reason`."""
         return unsupported_reason(self)
