@@ -4,7 +4,8 @@
 Issue 27's goal: ONNX Runtime at least 1.5x faster than eager per tile, same AJI. Each method is exported to both
 formats (tools/export_model.py's code), then every runtime runs the same model code on the same real Kumar test tiles
 (``kumar_test``: whole 1000 x 1000 images, through the dataset mapper as evaluation does), one after the other in
-this process with ``torch.set_num_threads(--threads)`` and ONNX Runtime's ``intra_op_num_threads`` equal to it.
+this process with ``torch.set_num_threads(--threads)`` and ONNX Runtime's ``intra_op_num_threads`` equal to it, tile
+by tile with the runtimes taking turns (so a load that changes during the run weighs on all of them alike).
 Reported per method and runtime: seconds per tile (whole inference: tiling, networks, post-processing), the seconds
 in the networks alone (``run_network``), both as a speed-up over eager measured in the same run, and AJI with its
 difference from eager's.
@@ -105,7 +106,7 @@ def run_method(method: str, records: list[dict], threads: int, work: Path, opts:
         t0 = time.perf_counter()
         folders[fmt] = export_model(eager, cfg, work / f"{method}-{fmt}", fmt, overwrite=True)
         export_s[fmt] = time.perf_counter() - t0
-    rows = []
+    runs = {}
     for runtime in RUNTIMES:
         if runtime == "torch":
             rcfg, model = cfg, eager
@@ -113,12 +114,17 @@ def run_method(method: str, records: list[dict], threads: int, work: Path, opts:
             rcfg, model = _with_runtime(folders["onnx" if runtime == "onnxruntime" else "torchscript"], runtime,
                                         threads, opts)
         spent = _timed_networks(model)
-        wrapped = build_test_time_wrapper(rcfg, model).eval()
         with torch.no_grad():  # warm-up (sessions, allocator) on a small random image; not timed
             image = torch.rand(model.in_channels, 256, 256, generator=torch.Generator().manual_seed(0)) * 255
             model([{"image": image, "height": 256, "width": 256}])
         spent["seconds"] = 0.0
-        scores = score_records(rcfg, wrapped, records)
+        runs[runtime] = (rcfg, build_test_time_wrapper(rcfg, model).eval(), spent, [])
+    # Tile by tile, every runtime in turn: a load that changes during the run (a shared machine) hits all alike.
+    for record in records:
+        for rcfg, wrapped, _, scores in runs.values():
+            scores += score_records(rcfg, wrapped, [record])
+    rows = []
+    for runtime, (_, _, spent, scores) in runs.items():
         n = len(scores)
         rows.append({"method": method, "runtime": runtime, "threads": threads, "tiles": n,
                      "s_per_tile": float(np.mean([s["seconds"] for s in scores])),

@@ -180,10 +180,8 @@ def read_sidecar(folder: str | os.PathLike, *, verify: bool = True) -> dict[str,
                               f"{spec['pad_mode']!r} (need >= 1 / reflect, replicate or constant)")
         for kind in ("inputs", "outputs"):
             if not spec[kind] or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                         and isinstance(t.get("shape"), list) and len(t["shape"]) == 4
-                                         for t in spec[kind]):
-                raise ExportError(f"{path}: network {name!r} {kind} must be a non-empty list of "
-                                  "{name, shape: [B, C, H, W]}")
+                                         and isinstance(t.get("shape"), list) for t in spec[kind]):
+                raise ExportError(f"{path}: network {name!r} {kind} must be a non-empty list of {{name, shape}}")
         file = _own_file(folder, spec["file"], path, f"network {name!r}")
         if verify:
             _check_sha256(file, spec["sha256"], path, f"network {name!r}")

@@ -47,6 +47,12 @@ class NetworkIO:
         fixed_size: ``(H, W)`` when the network takes one size only (BRP-Net's refinement nets), else None (any size).
         dynamic_batch: the batch dimension may vary.
         meaning: one line for the sidecar and the docs: what the outputs are.
+        input_shapes, output_shapes: for networks whose tensors are not ``B x C x H x W`` images (detection heads):
+            each tensor's shape, ints for fixed dims and names for dynamic ones (exported as dynamic axes); they
+            replace the image description built from ``channels`` / ``out_channels``.
+
+    A module may also define ``export_examples() -> (traced_inputs, check_inputs)`` when random normal images are not
+    inputs it can be traced or checked with (the exporter then uses those).
     """
 
     inputs: tuple[str, ...]
@@ -58,6 +64,18 @@ class NetworkIO:
     fixed_size: tuple[int, int] | None = None
     dynamic_batch: bool = True
     meaning: str = ""
+    input_shapes: tuple[tuple[int | str, ...], ...] | None = None
+    output_shapes: tuple[tuple[int | str, ...], ...] | None = None
+
+    def shapes(self) -> tuple[list[list[int | str]], list[list[int | str]]]:
+        """(input shapes, output shapes), symbolic dims as names."""
+        b = "batch" if self.dynamic_batch else 1
+        h, w = self.fixed_size if self.fixed_size is not None else ("height", "width")
+        ins = [list(s) for s in self.input_shapes] if self.input_shapes is not None else \
+            [[b, c, h, w] for c in self.channels]
+        outs = [list(s) for s in self.output_shapes] if self.output_shapes is not None else \
+            [[b, c, h, w] for c in self.out_channels]
+        return ins, outs
 
     def example_inputs(self, batch: int = 1, size: tuple[int, int] | None = None, seed: int = 0
                        ) -> tuple[torch.Tensor, ...]:
@@ -75,12 +93,10 @@ class NetworkIO:
 
     def to_json(self) -> dict[str, Any]:
         """The sidecar's description of the inputs and outputs (symbolic dims as strings)."""
-        b = "batch" if self.dynamic_batch else 1
-        h, w = self.fixed_size if self.fixed_size is not None else ("height", "width")
-        return {"inputs": [{"name": n, "shape": [b, c, h, w], "dtype": "float32"}
-                           for n, c in zip(self.inputs, self.channels, strict=True)],
-                "outputs": [{"name": n, "shape": [b, c, h, w], "dtype": "float32"}
-                            for n, c in zip(self.outputs, self.out_channels, strict=True)],
+        ins, outs = self.shapes()
+        return {"inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in zip(self.inputs, ins, strict=True)],
+                "outputs": [{"name": n, "shape": s, "dtype": "float32"}
+                            for n, s in zip(self.outputs, outs, strict=True)],
                 "size_multiple": int(self.size_multiple), "pad_mode": self.pad_mode,
                 "fixed_size": list(self.fixed_size) if self.fixed_size is not None else None,
                 "dynamic_batch": bool(self.dynamic_batch), "meaning": self.meaning}
