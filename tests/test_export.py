@@ -286,3 +286,40 @@ def test_shipped_two_stage_zoo_model_scores_the_same_through_onnx(shared_data, t
     onnx = score_records(cfg_x, model_x, records)[0]
     assert eager["AJI"] > 0.5  # a trained model (its card: 0.554 on this tile)
     assert onnx["AJI"] == pytest.approx(eager["AJI"], abs=AJI_TOL)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_networks_with_non_image_tensors_export_and_run(fmt, tmp_path):
+    """The contract beyond dense maps (what detection heads need): shapes given in NetworkIO, any batch."""
+    from nuclei_d2.export.exporter import export_network
+    from nuclei_d2.export.runtime import ExportedNetwork, _onnx_runner, _torchscript_runner
+    from nuclei_d2.modeling.networks import NetworkIO
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 3)
+            self.io = NetworkIO(inputs=("features",), outputs=("scores", "best"), channels=(6,), out_channels=(3, 1),
+                                input_shapes=(("rois", 6),), output_shapes=(("rois", 3), ("rois",)))
+
+        def export_examples(self):
+            g = torch.Generator().manual_seed(0)
+            return (torch.randn(4, 6, generator=g),), (torch.randn(9, 6, generator=g),)
+
+        def forward(self, x):
+            s = torch.softmax(self.fc(x), dim=1)
+            return s, s.argmax(dim=1)
+
+    head = Head().eval()
+    spec = export_network(head, "head", tmp_path, fmt)
+    assert spec["inputs"][0]["shape"] == ["rois", 6] and spec["outputs"][1]["shape"] == ["rois"]
+    path = tmp_path / spec["file"]
+    run = _onnx_runner(path, spec, 1) if fmt == "onnx" else _torchscript_runner(path)
+    net = ExportedNetwork("head", spec, run, str(path))
+    x = torch.randn(17, 6)
+    scores, best = net(x)
+    with torch.no_grad():
+        want_scores, want_best = head(x)
+    assert float((scores - want_scores).abs().max()) <= EXPORT_ATOL and torch.equal(best, want_best)
+    with pytest.raises(ValueError, match="takes rois x 6, got"):
+        net(torch.randn(2, 5))

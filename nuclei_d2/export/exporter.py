@@ -55,13 +55,18 @@ def exportable_networks(model: nn.Module) -> dict[str, nn.Module]:
     return nets
 
 
-def _check_inputs(io: NetworkIO) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """(the example traced with, the check input of another batch and size)."""
+def _check_inputs(io: NetworkIO, module: nn.Module | None = None
+                  ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(the example traced with, the check input of another batch and size): the module's ``export_examples()`` when
+    it has one."""
+    if module is not None and callable(getattr(module, "export_examples", None)):
+        traced, check = module.export_examples()
+        return tuple(traced), tuple(check)
     example = io.example_inputs(batch=1, seed=0)
     h, w = example[0].shape[-2:]
     m = max(1, io.size_multiple)
     other = None if io.fixed_size is not None else (h + 2 * m * max(1, 8 // m), w + 3 * m * max(1, 8 // m))
-    return example, io.example_inputs(batch=3 if io.dynamic_batch and not io.image_input else 1, size=other, seed=1)
+    return example, io.example_inputs(batch=3 if io.dynamic_batch else 1, size=other, seed=1)
 
 
 def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
@@ -69,7 +74,9 @@ def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
 
 
 def _export_onnx(module: nn.Module, io: NetworkIO, example: tuple[torch.Tensor, ...], path: Path) -> None:
-    dynamic = io.dynamic_axes()
+    ins, outs = io.shapes()
+    dynamic = {n: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+               for n, shape in zip((*io.inputs, *io.outputs), (*ins, *outs), strict=True)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python checks on shapes, the exporter's deprecation
         torch.onnx.export(module, example, str(path), input_names=list(io.inputs), output_names=list(io.outputs),
@@ -106,7 +113,7 @@ def export_network(module: nn.Module, name: str, folder: str | Path, fmt: str) -
     io = network_io(module, name)
     path = Path(folder) / f"{name}{FORMATS[fmt]}"
     module = module.eval()
-    example, check = _check_inputs(io)
+    example, check = _check_inputs(io, module)
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     try:
         with torch.no_grad():
@@ -132,6 +139,10 @@ def export_network(module: nn.Module, name: str, folder: str | Path, fmt: str) -
             raise ExportError(f"{name}: exported output {out_name!r} has shape {tuple(a.shape)} on a "
                               f"{tuple(check[0].shape)} input, PyTorch {tuple(b.shape)}: the export baked in the "
                               "example's shape")
+        if not a.is_floating_point():  # (indices, classes: equal or not)
+            if not torch.equal(a, b):
+                raise ExportError(f"{name}: exported output {out_name!r} differs from PyTorch's")
+            continue
         diff = (a.float() - b.float()).abs()
         excess = float((diff - RTOL * b.float().abs()).max()) if diff.numel() else 0.0
         worst = max(worst, float(diff.max()) if diff.numel() else 0.0)

@@ -51,30 +51,26 @@ class ExportedNetwork:
         self.spec = dict(spec)
         self._run = run
         self.where = where
-        # B x C x H x W inputs, or single C x H x W images (``image_input``: the R-CNN's "rcnn")
-        self.dims = [len(t["shape"]) for t in spec["inputs"]]
-        self.channels = [int(t["shape"][-3]) for t in spec["inputs"]]
+        self.shapes = [list(t["shape"]) for t in spec["inputs"]]
         self.fixed_size = tuple(spec["fixed_size"]) if spec.get("fixed_size") else None
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if len(inputs) != len(self.channels):
-            raise ValueError(f"{self.where}: network {self.name!r} takes {len(self.channels)} inputs, got "
+        if len(inputs) != len(self.shapes):
+            raise ValueError(f"{self.where}: network {self.name!r} takes {len(self.shapes)} inputs, got "
                              f"{len(inputs)}")
-        for t, c, d in zip(inputs, self.channels, self.dims, strict=True):
-            if t.dim() != d or t.shape[-3] != c:
-                want = f"{c} x H x W" if d == 3 else f"B x {c} x H x W"
-                raise ValueError(f"{self.where}: network {self.name!r} takes {want}, got {tuple(t.shape)}")
-        h, w = (int(s) for s in inputs[0].shape[-2:])
-        if self.fixed_size is not None and (h, w) != self.fixed_size:
-            raise ValueError(f"{self.where}: network {self.name!r} takes {self.fixed_size[0]} x {self.fixed_size[1]} "
-                             f"inputs only, got {h} x {w}")
-        m = int(self.spec["size_multiple"])
-        ph, pw = (-h) % m, (-w) % m
+        for t, shape in zip(inputs, self.shapes, strict=True):
+            if t.dim() != len(shape) or any(isinstance(d, int) and i > 0 and t.shape[i] != d
+                                            for i, d in enumerate(shape)):
+                raise ValueError(f"{self.where}: network {self.name!r} takes {' x '.join(map(str, shape))}, got "
+                                 f"{tuple(t.shape)}")
         device = inputs[0].device
+        m = int(self.spec["size_multiple"]) if len(self.shapes[0]) == 4 else 1  # images: sides to a multiple of m
+        h, w = (int(s) for s in inputs[0].shape[-2:])
+        ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             mode = _pad_mode(self.spec["pad_mode"], ph, pw, h, w)
             inputs = tuple(F.pad(t.float(), (0, pw, 0, ph), mode=mode) for t in inputs)
-        outs = self._run([t.detach().to("cpu", torch.float32).contiguous() for t in inputs])
+        outs = self._run([t.detach().to("cpu").contiguous() for t in inputs])
         outs = [o[..., :h, :w] if (ph or pw) else o for o in outs]
         outs = [o.to(device) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)

@@ -79,14 +79,14 @@ def build_sidecar(model: Any, cfg: Any, fmt: str, networks: Mapping[str, Any], c
     post_keys = list(getattr(model, "postprocess_keys", ()))
     # keys baked into the exported networks or read around them (an R-CNN's score / NMS thresholds), for the reader
     post_keys += [k for k in getattr(model, "export_keys", ()) if k not in post_keys]
+    # a model whose network takes the raw 0-255 image and normalises it itself (the R-CNNs' "rcnn")
+    inside = bool(getattr(model, "normalizes_inside", False))
     method_node = {"NucleusBoundaryUNet": "MODEL.NB", "TwoStageUNet": "MODEL.TWO_STAGE",
                    "BRPNet": "MODEL.BRPNET"}.get(arch)
     for extra in ("INFERENCE", "DISTANCE_ACTIVATION", "HV_HEAD"):
         key = f"{method_node}.{extra}" if method_node else ""
         if key and key not in post_keys and extra in _config_value(cfg, method_node):
             post_keys.append(key)
-    # networks that take the raw 0-255 image and normalise it themselves (the R-CNNs' "rcnn")
-    inside = any(bool(n.get("image_input")) for n in networks.values())
     tiling = {f"MODEL.TILING.{k}": _plain(v) for k, v in cfg.MODEL.TILING.items()}
     tiling.update({f"INFERENCE.{k}": _plain(cfg.INFERENCE[k]) for k in ("TILE_SIZE", "OVERLAP", "BATCH_SIZE")})
     return {
@@ -184,13 +184,10 @@ def read_sidecar(folder: str | os.PathLike, *, verify: bool = True) -> dict[str,
         if spec["size_multiple"] < 1 or spec["pad_mode"] not in ("reflect", "replicate", "constant"):
             raise ExportError(f"{path}: network {name!r} has size_multiple {spec['size_multiple']} / pad_mode "
                               f"{spec['pad_mode']!r} (need >= 1 / reflect, replicate or constant)")
-        for kind, dims in (("inputs", (3, 4)), ("outputs", range(1, 5))):
+        for kind in ("inputs", "outputs"):
             if not spec[kind] or not all(isinstance(t, dict) and isinstance(t.get("name"), str)
-                                         and isinstance(t.get("shape"), list) and len(t["shape"]) in dims
-                                         for t in spec[kind]):
-                what = "[B, C, H, W] (or [C, H, W])" if kind == "inputs" else "1 to 4 dims"
-                raise ExportError(f"{path}: network {name!r} {kind} must be a non-empty list of "
-                                  f"{{name, shape: {what}}}")
+                                         and isinstance(t.get("shape"), list) for t in spec[kind]):
+                raise ExportError(f"{path}: network {name!r} {kind} must be a non-empty list of {{name, shape}}")
         file = _own_file(folder, spec["file"], path, f"network {name!r}")
         if verify:
             _check_sha256(file, spec["sha256"], path, f"network {name!r}")

@@ -47,11 +47,14 @@ class NetworkIO:
         fixed_size: ``(H, W)`` when the network takes one size only (BRP-Net's refinement nets), else None (any size).
         dynamic_batch: the batch dimension may vary.
         meaning: one line for the sidecar and the docs: what the outputs are.
-        image_input: the inputs are single raw images ``C x H x W`` (0-255, not normalised, no batch dimension) that
-            the network normalises and pads itself (the R-CNNs' "rcnn"); example inputs are then uniform 0-255.
-        output_shapes: explicit output shapes, symbolic dims as strings (the R-CNN's ``("detections", 4)``, ...);
-            None: ``B x K x H x W`` at the input's size (``out_channels``). Named dims are dynamic in ONNX.
-        output_dtypes: dtype of each output (default float32 for all).
+        output_dtypes: each output's dtype name for the sidecar (default float32 for all; the R-CNN's classes are
+            int64).
+        input_shapes, output_shapes: for networks whose tensors are not ``B x C x H x W`` images (detection heads):
+            each tensor's shape, ints for fixed dims and names for dynamic ones (exported as dynamic axes); they
+            replace the image description built from ``channels`` / ``out_channels``.
+
+    A module may also define ``export_examples() -> (traced_inputs, check_inputs)`` when random normal images are not
+    inputs it can be traced or checked with (the exporter then uses those).
     """
 
     inputs: tuple[str, ...]
@@ -63,9 +66,19 @@ class NetworkIO:
     fixed_size: tuple[int, int] | None = None
     dynamic_batch: bool = True
     meaning: str = ""
-    image_input: bool = False
+    input_shapes: tuple[tuple[int | str, ...], ...] | None = None
     output_shapes: tuple[tuple[int | str, ...], ...] | None = None
     output_dtypes: tuple[str, ...] | None = None
+
+    def shapes(self) -> tuple[list[list[int | str]], list[list[int | str]]]:
+        """(input shapes, output shapes), symbolic dims as names."""
+        b = "batch" if self.dynamic_batch else 1
+        h, w = self.fixed_size if self.fixed_size is not None else ("height", "width")
+        ins = [list(s) for s in self.input_shapes] if self.input_shapes is not None else \
+            [[b, c, h, w] for c in self.channels]
+        outs = [list(s) for s in self.output_shapes] if self.output_shapes is not None else \
+            [[b, c, h, w] for c in self.out_channels]
+        return ins, outs
 
     def example_inputs(self, batch: int = 1, size: tuple[int, int] | None = None, seed: int = 0
                        ) -> tuple[torch.Tensor, ...]:
@@ -79,38 +92,17 @@ class NetworkIO:
                 side = -(-64 // m) * m
                 size = (side + m * max(1, 16 // m), side)
         g = torch.Generator().manual_seed(seed)
-        if self.image_input:  # one raw image: uniform noise over the pixel range
-            return tuple(torch.rand((c, *size), generator=g) * 255.0 for c in self.channels)
         return tuple(torch.randn((batch, c, *size), generator=g) for c in self.channels)
-
-    def _input_shape(self, c: int) -> list[int | str]:
-        h, w = self.fixed_size if self.fixed_size is not None else ("height", "width")
-        return [c, h, w] if self.image_input else ["batch" if self.dynamic_batch else 1, c, h, w]
-
-    def _output_shapes(self) -> list[list[int | str]]:
-        if self.output_shapes is not None:
-            return [list(s) for s in self.output_shapes]
-        b = "batch" if self.dynamic_batch else 1
-        h, w = self.fixed_size if self.fixed_size is not None else ("height", "width")
-        return [[b, c, h, w] for c in self.out_channels]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """ONNX dynamic axes of every input and output: the named (string) dims of their shapes."""
-        shapes = [self._input_shape(c) for c in self.channels] + self._output_shapes()
-        return {n: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
-                for n, shape in zip((*self.inputs, *self.outputs), shapes, strict=True)}
 
     def to_json(self) -> dict[str, Any]:
         """The sidecar's description of the inputs and outputs (symbolic dims as strings)."""
-        dtypes = self.output_dtypes or ("float32",) * len(self.outputs)
-        return {"inputs": [{"name": n, "shape": self._input_shape(c), "dtype": "float32"}
-                           for n, c in zip(self.inputs, self.channels, strict=True)],
-                "outputs": [{"name": n, "shape": shape, "dtype": d}
-                            for n, shape, d in zip(self.outputs, self._output_shapes(), dtypes, strict=True)],
+        ins, outs = self.shapes()
+        return {"inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in zip(self.inputs, ins, strict=True)],
+                "outputs": [{"name": n, "shape": s, "dtype": d} for n, s, d in
+                            zip(self.outputs, outs, self.output_dtypes or ("float32",) * len(outs), strict=True)],
                 "size_multiple": int(self.size_multiple), "pad_mode": self.pad_mode,
                 "fixed_size": list(self.fixed_size) if self.fixed_size is not None else None,
-                "dynamic_batch": bool(self.dynamic_batch), "image_input": bool(self.image_input),
-                "meaning": self.meaning}
+                "dynamic_batch": bool(self.dynamic_batch), "meaning": self.meaning}
 
 
 def network_io(module: nn.Module, name: str = "") -> NetworkIO:

@@ -98,6 +98,8 @@ class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
     rcnn_network = "rcnn"
     #: The "rcnn" network's outputs (the export sidecar's "outputs").
     output_names = OUTPUT_NAMES
+    #: The "rcnn" network takes the raw 0-255 image and normalises it itself (the export sidecar says so).
+    normalizes_inside = True
     #: Config keys baked into the exported "rcnn" network, recorded in the export sidecar for its readers.
     export_keys = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.DETECTIONS_PER_IMAGE")
 

@@ -48,7 +48,7 @@ def rcnn_network_io(channels: int, mask_side: int, channel_names: tuple[str, ...
     names = f" ({', '.join(channel_names)})" if channel_names else ""
     return NetworkIO(
         inputs=("image",), outputs=OUTPUT_NAMES, channels=(channels,), out_channels=(4, 1, 1, 1), size_multiple=1,
-        pad_mode="constant", dynamic_batch=False, image_input=True,
+        pad_mode="constant", dynamic_batch=False, input_shapes=((channels, "height", "width"),),
         output_shapes=(("detections", 4), ("detections",), ("detections",), ("detections", 1, mask_side, mask_side)),
         output_dtypes=("float32", "float32", "int64", "float32"),
         meaning=(f"R-CNN on one {channels} x H x W image{names}, 0-255 float, not normalised (the network normalises "
@@ -121,6 +121,14 @@ class RCNNNetwork(nn.Module):
             probe = self.roi_heads.mask_head.layers(torch.zeros(1, channels, side, side,
                                                                 device=self.pixel_mean.device))
         return rcnn_network_io(self.in_channels, int(probe.shape[-1]), self.channel_names)
+
+    def export_examples(self, seed: int = 0) -> tuple[tuple[torch.Tensor], tuple[torch.Tensor]]:
+        """(traced, check) inputs for the exporter: single 0-255 noise images of two sizes that are not multiples of
+        the backbone's stride (the network pads them), so a trace that baked in a size or a detection count fails
+        the check."""
+        g = torch.Generator().manual_seed(seed)
+        c = self.in_channels
+        return ((torch.rand(c, 88, 120, generator=g) * 255.0,), (torch.rand(c, 136, 104, generator=g) * 255.0,))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``C x H x W`` 0-255 float image -> (boxes, scores, classes, masks); see :data:`OUTPUT_NAMES`."""
