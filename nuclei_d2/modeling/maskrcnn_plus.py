@@ -257,11 +257,11 @@ class MaskRCNNPlus(NucleiRCNN):
     def set_runtime(self, runtime: Any) -> None:
         """Install ``{"rcnn": ..., "distance": ...}``: "distance" goes to the distance U-Net (whose tiled inference
         calls it), the rest to this model."""
+        super().set_runtime(runtime)  # checks the names first
         inner = self._distance_network_name()
         if inner is not None:
             fn = None if runtime is None else runtime.get("distance")
             self.distance_unet.set_runtime(None if fn is None else {inner: fn})
-        super().set_runtime(runtime)
 
     def network_input(self, inp: dict[str, Any], index: int = 0) -> torch.Tensor:
         """The checked ``C x H x W`` image with its distance channel filled (inference), for the "rcnn" network."""
