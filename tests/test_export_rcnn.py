@@ -184,3 +184,26 @@ def test_shipped_maskrcnn_plus_exports_with_real_detections(kumar_tile, tmp_path
         assert n >= 30, n  # a trained model: real nuclei
     aji, _ = label_aji(model, inp, gt)
     assert aji > 0.4, aji
+
+
+def test_maskrcnn_plus_routes_the_distance_runtime_to_its_distance_unet():
+    """Mask R-CNN+'s "distance" runtime is what its distance U-Net's tiled inference calls (so the exported distance
+    network fills the channel); a runtime with a name the model does not have is refused and installs nothing."""
+    cfg = tiny_cfg(RCNN_CONFIGS[1])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    calls = []
+
+    def distance(x: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(x.shape))
+        return torch.full((x.shape[0], 1, *x.shape[-2:]), 0.25)
+
+    with pytest.raises(ValueError, match="bogus"):
+        model.set_runtime({"distance": distance, "bogus": distance})
+    assert model.runtime is None and model.distance_unet.runtime is None
+    model.set_runtime({"distance": distance})
+    filled = model.network_input({"image": torch.full((5, 64, 96), 100.0)})
+    assert calls and calls[0][1] == 3  # the U-Net's normalised RGB
+    assert torch.allclose(filled[model.distance_index], torch.full((64, 96), 0.25 * 255.0))
+    model.set_runtime(None)
+    assert model.distance_unet.runtime is None
