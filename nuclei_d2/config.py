@@ -686,3 +686,13 @@ def _add_inference_config(cfg: CN) -> None:
     # Outputs written by default: any of "geojson" (QuPath), "coco" (COCO results JSON), "labels" (label map),
     # "csv" (per-nucleus measurements), "overlay" (PNG).
     i.OUTPUTS = ["geojson", "csv"]
+    # What runs the model's networks (nuclei_d2/export, docs/export.md): "torch" (eager PyTorch, MODEL.WEIGHTS),
+    # "onnxruntime" or "torchscript" (the files of an export folder, EXPORTED, made by tools/export_model.py; they
+    # replace MODEL.WEIGHTS, which may then be ""). Tiling, test-time augmentation and post-processing are the same
+    # code whatever runs the networks.
+    i.RUNTIME = "torch"
+    # The export folder (export.json beside one .onnx or .pt file per network) when RUNTIME is not "torch".
+    i.EXPORTED = ""
+    # Threads of an ONNX Runtime session (intra-op); 0 = torch.get_num_threads(), so both runtimes compare at equal
+    # threads.
+    i.RUNTIME_THREADS = 0

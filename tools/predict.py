@@ -8,6 +8,7 @@ per-nucleus CSV measurements and overlays. See docs/inference.md.
         --input "slides/*.svs" --output out --magnification 20 --shard 0/4
     python tools/predict.py --config-file configs/classical_watershed.yaml --input tile.png --output out
     python tools/predict.py --model NAME --input tile.png --output out     # a model zoo entry (--list-models)
+    python tools/predict.py --exported export_dir --input tile.png --output out   # an exported model (docs/export.md)
 
 A killed run resumes when started again with the same command: finished inputs are skipped and the finished tiles of
 an interrupted slide (kept in <output>/<stem>.partial/) are reused.
@@ -41,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", default=None,
                    help="model config (the one it was trained with), or zoo:NAME; not with --model")
     p.add_argument("--weights", default=None, help="trained weights (sets MODEL.WEIGHTS)")
+    p.add_argument("--exported", default=None, metavar="DIR",
+                   help="an export folder of tools/export_model.py: its networks run instead of weights "
+                        "(INFERENCE.EXPORTED); its config.yaml is the config unless --config-file / --model is given")
+    p.add_argument("--runtime", default=None, choices=["torch", "onnxruntime", "torchscript"],
+                   help="what runs the networks (INFERENCE.RUNTIME); default with --exported: the folder's format's "
+                        "runtime")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickled weights (.pkl; sets MODEL.CHECKPOINT.ALLOW_PICKLE True). Unpickling a "
                         "file can run arbitrary code: use it only for files you trust")
@@ -79,8 +86,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         return args
     if args.model and args.config_file:
         p.error("give --model NAME or --config-file FILE, not both")
+    if args.exported and not args.model and not args.config_file:
+        args.config_file = str(Path(args.exported) / "config.yaml")  # the export folder's own config
+    if args.exported and args.weights:
+        p.error("--weights and --exported exclude each other: an export folder's files are the weights")
+    if args.runtime in ("onnxruntime", "torchscript") and not args.exported and "INFERENCE.EXPORTED" not in args.opts:
+        p.error(f"--runtime {args.runtime} runs an export folder: give --exported DIR (tools/export_model.py)")
     if not args.model and not args.config_file:
-        p.error("give a model: --model NAME (a model zoo entry, see --list-models) or --config-file FILE")
+        p.error("give a model: --model NAME (a model zoo entry, see --list-models), --config-file FILE or --exported "
+                "DIR")
     if args.model:
         args.config_file = "zoo:" + args.model
     missing = [flag for flag, v in (("--input", args.input), ("--output", args.output)) if not v]

@@ -3,6 +3,8 @@
 
     python tools/train_net.py --config-file configs/maskrcnn_baseline-tiny.yaml MODEL.DEVICE cpu
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file EXPORT/config.yaml --eval-only INFERENCE.RUNTIME onnxruntime \
+        INFERENCE.EXPORTED EXPORT                                 # evaluate an exported model (docs/export.md)
     python tools/train_net.py --config-file CFG --resume          # continue from OUTPUT_DIR/last_checkpoint
     python tools/train_net.py --config-file CFG --num-gpus 2      # 2 processes (GPUs, or CPU on gloo)
     python tools/train_net.py --config-file zoo:NAME DATASETS.TRAIN "('mine',)" ...  # fine-tune a zoo entry
@@ -99,8 +101,13 @@ def run(args):
     cfg = setup(args)
     if args.eval_only:
         model = NucleiTrainer.build_model(cfg)
-        NucleiCheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR, config_file=args.config_file).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume)
+        if cfg.INFERENCE.RUNTIME != "torch":  # an export folder's networks instead of weights (docs/export.md)
+            from nuclei_d2.engine.export import install_runtime
+
+            install_runtime(model, cfg)
+        else:
+            NucleiCheckpointer.from_config(model, cfg, cfg.OUTPUT_DIR, config_file=args.config_file).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume)
         res = NucleiTrainer.test(cfg, model)
         res = res if comm.is_main_process() else None
     else:

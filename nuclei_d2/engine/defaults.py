@@ -307,6 +307,14 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"DATASETS.REGISTER: {e}") from e
     _fall_back_to_cpu(cfg)
+    from ..export.runtime import check_runtime_config
+
+    if check_runtime_config(cfg):  # an export folder's files are the weights: none is loaded or checked
+        if cfg.MODEL.WEIGHTS:
+            logging.getLogger("nuclei_d2").info("INFERENCE.RUNTIME %s: MODEL.WEIGHTS (%s) is not used, the networks "
+                                                "come from %s", cfg.INFERENCE.RUNTIME, cfg.MODEL.WEIGHTS,
+                                                cfg.INFERENCE.EXPORTED)
+        cfg.merge_from_list([*RANDOM_INIT_OPTS, "MODEL.BRPNET.DENSENET_WEIGHTS", ""])
     # INPUT.TARGETS lists extras; the targets the model trains on follow from it (no hand-kept list in YAML)
     cfg.INPUT.TARGETS = list(dict.fromkeys([*required_targets_of(cfg), *cfg.INPUT.TARGETS]))
     check_config_weights(cfg, config_file, resume=resume)

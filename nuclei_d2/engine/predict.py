@@ -46,6 +46,13 @@ def config_overrides(args: Any) -> list[str]:
     opts = list(args.opts)
     if args.weights:
         opts += ["MODEL.WEIGHTS", args.weights]
+    if getattr(args, "exported", None):
+        from ..export.runtime import runtime_of_export
+
+        opts += ["INFERENCE.EXPORTED", args.exported,
+                 "INFERENCE.RUNTIME", getattr(args, "runtime", None) or runtime_of_export(args.exported)]
+    elif getattr(args, "runtime", None):
+        opts += ["INFERENCE.RUNTIME", args.runtime]
     if getattr(args, "allow_pickle", False):
         opts += ["MODEL.CHECKPOINT.ALLOW_PICKLE", "True"]
     return opts
@@ -57,7 +64,7 @@ def predict_worker(args: Any) -> int:
 
     with raise_on_signals():
         cfg = setup_cfg(args.config_file, config_overrides(args), eval_only=True)
-        if not cfg.MODEL.WEIGHTS:
+        if not cfg.MODEL.WEIGHTS and cfg.INFERENCE.RUNTIME == "torch":
             logger.warning("MODEL.WEIGHTS is empty: predicting with randomly initialised weights (testing only)")
         k, n = _parse_shard(args.shard)
         world, rank = comm.get_world_size() * n, k * comm.get_world_size() + comm.get_rank()

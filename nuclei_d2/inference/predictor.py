@@ -24,6 +24,7 @@ from detectron2.structures import Instances
 
 from ..checkpoint import NucleiCheckpointer
 from ..data.mapper import NucleiDatasetMapper
+from ..export.runtime import install_runtime
 from ..structures import CropMasks, nuclei_of
 from ..utils.io import to_rgb_uint8
 from .slide import ArraySource, ImageSource
@@ -52,6 +53,8 @@ class NucleiPredictor:
         self.model.eval()
         if cfg.MODEL.WEIGHTS:
             NucleiCheckpointer.from_config(self.model, cfg).load(cfg.MODEL.WEIGHTS)
+        # INFERENCE.RUNTIME "onnxruntime" / "torchscript": the export folder's networks run inside the same model
+        install_runtime(self.model, self.cfg)
         self.mapper = NucleiDatasetMapper(self.cfg, is_train=False)
 
     @torch.no_grad()

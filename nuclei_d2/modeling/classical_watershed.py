@@ -129,6 +129,10 @@ def foreground_watershed(foreground: np.ndarray, params: ClassicalParams | None 
 class ClassicalWatershed(nn.Module):
     """``MODEL.META_ARCHITECTURE: ClassicalWatershed``: the no-training baseline as a model (module docstring)."""
 
+    #: (nuclei_d2/modeling/networks.py) nothing to export: the exporter's error says so.
+    export_unsupported = ("it has no network to export: its whole pipeline is colour deconvolution, thresholds and a "
+                          "watershed (classical image processing, no learned weights); run it as it is")
+
     #: Config keys read only after :meth:`output_probs` (by :meth:`output_from_probs`): a grid over them reuses each
     #: image's haematoxylin maps (``tools/tune_inference.py``). ``SMOOTHING`` changes the maps, so it is not here.
     postprocess_keys: tuple[str, ...] = tuple(f"MODEL.CLASSICAL.{k}" for k in (

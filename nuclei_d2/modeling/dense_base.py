@@ -12,10 +12,11 @@ resizes the probability maps back to the input's ``height`` x ``width``, post-pr
 ``pred_nuclei`` (:class:`nuclei_d2.structures.CropMasks`) are the nuclei as crops; full-size ``pred_masks`` are built
 only if Detectron2 code reads them (COCOEvaluator), so any number of nuclei fits.
 
-A method subclasses it and provides four things: the networks, :meth:`DenseSegmentor.dense_probs` (normalised
-``B x C x h x w`` input -> ``B x K x h x w`` probabilities), :meth:`DenseSegmentor.dense_losses` and
-:meth:`DenseSegmentor.postprocess` (``K x H x W`` numpy probabilities -> label map and scores), and lists in
-``postprocess_keys`` the config keys only its post-processing reads. The methods:
+A method subclasses it and provides four things: the networks (and :meth:`DenseSegmentor.network_modules`, their
+tensor-in / tensor-out wrappers for export: :mod:`nuclei_d2.modeling.networks`), :meth:`DenseSegmentor.dense_probs`
+(normalised ``B x C x h x w`` input -> ``B x K x h x w`` probabilities, through ``run_network``),
+:meth:`DenseSegmentor.dense_losses` and :meth:`DenseSegmentor.postprocess` (``K x H x W`` numpy probabilities ->
+label map and scores), and lists in ``postprocess_keys`` the config keys only its post-processing reads. The methods:
 :class:`nuclei_d2.modeling.nb_unet.NucleusBoundaryUNet`, :class:`nuclei_d2.modeling.two_stage_unet.TwoStageUNet`,
 :class:`nuclei_d2.modeling.brpnet.BRPNet` (whose :meth:`DenseSegmentor.segment_probs` also refines with the image).
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from ..layers.tiling import TilingParams, tile_predict
 from ..structures import label_map_to_instances
+from .networks import ExportableNetworks
 
 __all__ = ["DenseSegmentor", "dense_base_kwargs"]
 
@@ -57,8 +59,12 @@ def dense_base_kwargs(cfg: Any) -> dict[str, Any]:
             "return_probs": bool(cfg.MODEL.DENSE.RETURN_PROBS)}
 
 
-class DenseSegmentor(nn.Module):
-    """Base class of the dense meta-architectures (see the module docstring)."""
+class DenseSegmentor(ExportableNetworks, nn.Module):
+    """Base class of the dense meta-architectures (see the module docstring).
+
+    :meth:`dense_probs` runs the learned part through :meth:`~.networks.ExportableNetworks.run_network` (names of
+    :meth:`network_modules`), so an exported runtime (:mod:`nuclei_d2.export`) replaces the networks alone and the
+    tiling, test-time augmentation and post-processing around them stay this code."""
 
     #: Names of the probability maps :meth:`dense_probs` returns, in channel order.
     prob_names: tuple[str, ...] = ()

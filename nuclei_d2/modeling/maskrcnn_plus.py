@@ -36,6 +36,7 @@ names a file, that file wins over any ``distance_unet.*`` weights in ``MODEL.WEI
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -224,16 +225,65 @@ class MaskRCNNPlus(NucleiRCNN):
         out[self.distance_index] = dist.to(out.dtype) * 255.0
         return out
 
+    # ---- the networks (issue 27): "rcnn" and, when the U-Net predicts the distance channel, "distance" -----------
+    def _distance_network_name(self) -> str | None:
+        """The distance U-Net's own name of its one network (its ``INFERENCE "distance"`` runs one), or None when
+        the distance channel is not predicted."""
+        if self.distance_index is None or self.distance_source != "unet" or self.distance_unet is None:
+            return None
+        names = list(self.distance_unet.network_modules())
+        if len(names) != 1:
+            raise ValueError(f"Mask R-CNN+: the distance U-Net runs {names} at inference, expected one network")
+        return names[0]
+
+    def network_modules(self) -> dict[str, nn.Module]:
+        """``"rcnn"`` (its input: the ``C`` channels with the distance channel filled) and ``"distance"`` (the
+        distance U-Net's network, which its own tiled inference runs: normalised RGB -> distance map)."""
+        nets = super().network_modules()
+        inner = self._distance_network_name()
+        if inner is not None:
+            net = self.distance_unet.network_modules()[inner]
+            du = self.distance_unet
+            mean = [round(float(v), 4) for v in du.pixel_mean.flatten()]
+            std = [round(float(v), 4) for v in du.pixel_std.flatten()]
+            channels = [self.channel_names[i] for i in self.distance_channels]
+            net.io = dataclasses.replace(net.io, meaning=(
+                f"Mask R-CNN+'s distance U-Net: input the channels {channels} normalised with ITS OWN mean {mean} / "
+                f"std {std} (not the preprocessing above), tiled like its config's MODEL.TILING; output "
+                f"{net.io.meaning}, clipped to [0, 1] and x255 into the 'distance' channel of the rcnn input"))
+            nets["distance"] = net
+        return nets
+
+    def set_runtime(self, runtime: Any) -> None:
+        """Install ``{"rcnn": ..., "distance": ...}``: "distance" goes to the distance U-Net (whose tiled inference
+        calls it), the rest to this model."""
+        super().set_runtime(runtime)  # checks the names first
+        inner = self._distance_network_name()
+        if inner is not None:
+            fn = None if runtime is None else runtime.get("distance")
+            self.distance_unet.set_runtime(None if fn is None else {inner: fn})
+
+    def network_input(self, inp: dict[str, Any], index: int = 0) -> torch.Tensor:
+        """The checked ``C x H x W`` image with its distance channel filled (inference), for the "rcnn" network."""
+        img = self._move_to_current_device(inp["image"])
+        self._check_channels(img, inp, index)
+        if self.distance_index is not None and self.distance_source == "unet":
+            img = self.fill_distance(img)
+        return img.float()
+
+    def _check_channels(self, img: torch.Tensor, inp: dict[str, Any], index: int) -> None:
+        if img.dim() != 3 or img.shape[0] != len(self.channel_names):
+            raise ValueError(f"{inp.get('file_name', f'input {index}')}: Mask R-CNN+ expects a "
+                             f"{len(self.channel_names)} x H x W image ({list(self.channel_names)}), got shape "
+                             f"{tuple(img.shape)}; check INPUT.EXTRA_CHANNELS matches the model")
+
     def preprocess_image(self, batched_inputs: list[dict[str, Any]]) -> ImageList:
         """Check channels, fill the distance channel (inference; training with TRAIN_ON_PREDICTED_DISTANCE), normalise,
         pad, project (see the module doc)."""
         images = []
         for i, x in enumerate(batched_inputs):
             img = self._move_to_current_device(x["image"])
-            if img.dim() != 3 or img.shape[0] != len(self.channel_names):
-                raise ValueError(f"{x.get('file_name', f'input {i}')}: Mask R-CNN+ expects a "
-                                 f"{len(self.channel_names)} x H x W image ({list(self.channel_names)}), got shape "
-                                 f"{tuple(img.shape)}; check INPUT.EXTRA_CHANNELS matches the model")
+            self._check_channels(img, x, i)
             if self.distance_index is not None and self.distance_source == "unet" and (
                     not self.training or self.train_on_predicted_distance):
                 img = self.fill_distance(img)

@@ -34,12 +34,34 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
 
 from ..postprocess import hv_watershed, instance_scores, nb_postprocess
 from .dense_base import DenseSegmentor, dense_base_kwargs
+from .networks import NetworkIO
 from .unet import UNet
 
-__all__ = ["NucleusBoundaryUNet"]
+__all__ = ["NBNetwork", "NucleusBoundaryUNet"]
+
+
+class NBNetwork(nn.Module):
+    """The NB model's network as one tensor-in / tensor-out module ("main"): normalised image -> background,
+    boundary, inside probabilities (softmax) and, with the HV head, the horizontal/vertical maps (tanh)."""
+
+    def __init__(self, unet: UNet, hv_head: bool):
+        super().__init__()
+        self.unet = unet
+        self.hv_head = bool(hv_head)
+        k = 5 if hv_head else 3
+        self.io = NetworkIO(inputs=("image",), outputs=("probs",), channels=(unet.in_channels,), out_channels=(k,),
+                            size_multiple=unet.size_divisibility, pad_mode=unet.pad_mode,
+                            meaning="background, boundary, inside probabilities (softmax)"
+                                    + (", horizontal, vertical offsets (tanh, -1..1)" if hv_head else ""))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.unet(x)
+        probs = F.softmax(out[:, :3], dim=1)
+        return torch.cat([probs, torch.tanh(out[:, 3:5])], dim=1) if self.hv_head else probs
 
 
 @META_ARCH_REGISTRY.register()
@@ -147,10 +169,11 @@ class NucleusBoundaryUNet(DenseSegmentor):
     def prob_names(self) -> tuple[str, ...]:  # type: ignore[override]
         return ("background", "boundary", "inside") + ("horizontal", "vertical") * self.hv_head
 
+    def network_modules(self) -> dict[str, nn.Module]:
+        return {"main": NBNetwork(self.unet, self.hv_head)}
+
     def dense_probs(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.unet(x)
-        probs = F.softmax(out[:, :3], dim=1)
-        return torch.cat([probs, torch.tanh(out[:, 3:5])], dim=1) if self.hv_head else probs
+        return self.run_network("main", x)
 
     def hv_losses(self, hv_logits: torch.Tensor, target: torch.Tensor, nucleus: torch.Tensor, valid: torch.Tensor
                   ) -> dict[str, torch.Tensor]:

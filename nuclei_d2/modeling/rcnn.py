@@ -10,6 +10,11 @@ code (COCOEvaluator, Visualizer) reads them.
 
 Every R-CNN meta-architecture of nuclei-d2 is a :class:`NucleiRCNN`: the baseline (``MODEL.META_ARCHITECTURE:
 NucleiRCNN`` in ``configs/Base-Nuclei-RCNN-FPN.yaml``), Mask R-CNN+ and the panoptic-fusion R-CNN (subclasses).
+
+Inference runs the learned part as one network, "rcnn" (:class:`~nuclei_d2.modeling.rcnn_network.RCNNNetwork`: one
+``C x H x W`` 0-255 image in; boxes, scores, classes and mask probabilities out), through ``run_network``, so an
+exported ONNX / TorchScript file (issue 27) replaces it while the raw ``Instances``, the post-processing, tiling and
+test-time augmentation around it stay this code. Images of a batch run one by one (each padded on its own).
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
-from detectron2.structures import Instances, ROIMasks
+from detectron2.structures import Boxes, Instances, ROIMasks
+from torch import nn
 
 from ..structures import CropMasks, NucleiInstances
+from .networks import ExportableNetworks
+from .rcnn_network import OUTPUT_NAMES, RCNNNetwork, unsupported_reason
 
 __all__ = ["NucleiRCNN", "crop_postprocess"]
 
@@ -81,14 +89,55 @@ def _paste_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: i
 
 
 @META_ARCH_REGISTRY.register()
-class NucleiRCNN(GeneralizedRCNN):
+class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
     """``MODEL.META_ARCHITECTURE: NucleiRCNN``: ``GeneralizedRCNN`` whose post-processing is
-    :func:`crop_postprocess` (same weights, same detections; nuclei as crops instead of ``N x H x W`` masks)."""
+    :func:`crop_postprocess` (same weights, same detections; nuclei as crops instead of ``N x H x W`` masks), and
+    whose learned part runs as the network "rcnn" (see the module docstring)."""
+
+    #: Name of the R-CNN network in :meth:`networks`.
+    rcnn_network = "rcnn"
+    #: The "rcnn" network's outputs (the export sidecar's "outputs").
+    output_names = OUTPUT_NAMES
+    #: The "rcnn" network takes the raw 0-255 image and normalises it itself (the export sidecar says so).
+    normalizes_inside = True
+    #: Config keys baked into the exported "rcnn" network, recorded in the export sidecar for its readers.
+    export_keys = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.DETECTIONS_PER_IMAGE")
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input image (RGB + ``INPUT.EXTRA_CHANNELS``), as the dense models say it."""
+        return int(self.pixel_mean.numel())
+
+    @property
+    def export_unsupported(self) -> str | None:
+        """Why this model cannot run as exported networks (None: it can): :func:`unsupported_reason`."""
+        return unsupported_reason(self)
+
+    def network_modules(self) -> dict[str, nn.Module]:
+        """``{"rcnn": RCNNNetwork}`` (built on demand around this model's own modules; not a registered child)."""
+        return {self.rcnn_network: RCNNNetwork(self)}
+
+    def network_input(self, inp: dict[str, Any], index: int = 0) -> torch.Tensor:
+        """The ``C x H x W`` float 0-255 image the "rcnn" network takes for one batched input."""
+        return self._move_to_current_device(inp["image"]).float()
+
+    def raw_instances(self, inp: dict[str, Any], index: int = 0) -> Instances:
+        """``GeneralizedRCNN.inference(..., do_postprocess=False)``'s ``Instances`` of one input, from the outputs of
+        the "rcnn" network (eager, or the installed runtime's)."""
+        image = self.network_input(inp, index)
+        boxes, scores, classes, masks = (torch.as_tensor(t, device=self.device)
+                                         for t in self.run_network(self.rcnn_network, image))
+        return Instances(tuple(image.shape[-2:]), pred_boxes=Boxes(boxes.float()), scores=scores.float(),
+                         pred_classes=classes.long(), pred_masks=masks.float())
 
     def inference(self, batched_inputs: list[dict[str, Any]], detected_instances: list[Instances] | None = None,
                   do_postprocess: bool = True) -> Any:
-        """``GeneralizedRCNN.inference`` (``do_postprocess=False`` still gives the raw outputs)."""
-        results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
+        """``GeneralizedRCNN.inference`` through the "rcnn" network (``do_postprocess=False`` still gives the raw
+        outputs). Given ``detected_instances``, or for a variant the network does not cover, Detectron2's own."""
+        if detected_instances is not None or (self.runtime is None and self.export_unsupported):
+            results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
+        else:
+            results = [self.raw_instances(x, i) for i, x in enumerate(batched_inputs)]
         if not do_postprocess:
             return results
         return [{"instances": crop_postprocess(r, inp.get("height", r.image_size[0]),

@@ -35,17 +35,36 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
 
 from ..postprocess import distance_watershed, foreground_components, instance_scores
 from .dense_base import DenseSegmentor, dense_base_kwargs
+from .networks import NetworkIO
 from .submodel import SubModel, freeze, masked_mse, setup_submodel
 from .unet import UNet
 
-__all__ = ["TwoStageUNet"]
+__all__ = ["TwoStageNetwork", "TwoStageUNet"]
 
 logger = logging.getLogger(__name__)
 
 INFERENCE_MODES = ("watershed", "components", "distance")
+
+
+class TwoStageNetwork(nn.Module):
+    """One U-Net of the two stages as a tensor-in / tensor-out module: normalised image -> the stage-1 foreground
+    probability (sigmoid; "stage1") or the stage-2 distance map (linear or sigmoid, per
+    ``MODEL.TWO_STAGE.DISTANCE_ACTIVATION``; "stage2"), ``B x 1 x H x W``."""
+
+    def __init__(self, net: UNet, activation: str, output: str, meaning: str):
+        super().__init__()
+        self.net = net
+        self.activation = activation
+        self.io = NetworkIO(inputs=("image",), outputs=(output,), channels=(net.in_channels,), out_channels=(1,),
+                            size_multiple=net.size_divisibility, pad_mode=net.pad_mode, meaning=meaning)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return torch.sigmoid(y) if self.activation == "sigmoid" else y
 
 
 def _trained_nets(train_stage: int, stage1_frozen: bool) -> tuple[bool, bool]:
@@ -130,7 +149,8 @@ class TwoStageUNet(DenseSegmentor):
     def from_config(cls, cfg: Any) -> dict[str, Any]:
         ts = cfg.MODEL.TWO_STAGE
         stage1 = cls.submodels(cfg)
-        if int(ts.TRAIN_STAGE) == 2 and not stage1 and not cfg.MODEL.WEIGHTS and ts.INFERENCE != "distance":
+        if int(ts.TRAIN_STAGE) == 2 and not stage1 and not cfg.MODEL.WEIGHTS and ts.INFERENCE != "distance" \
+                and cfg.INFERENCE.RUNTIME == "torch":  # (an exported runtime brings its own networks)
             logger.warning("MODEL.TWO_STAGE.TRAIN_STAGE is 2 but MODEL.TWO_STAGE.STAGE1.WEIGHTS is empty: the "
                            "segmentation U-Net stays at its random initialisation. Point it at stage 1's "
                            "model_final.pth.")
@@ -186,13 +206,25 @@ class TwoStageUNet(DenseSegmentor):
         d = self.predict_probs(image)[self.prob_names.index("distance")]
         return d.clamp_(0.0, 1.0).to(image.device)
 
+    def network_modules(self) -> dict[str, nn.Module]:
+        """The U-Nets the configured inference runs: "stage1" (foreground) unless ``INFERENCE "distance"``, "stage2"
+        (distance) unless ``"components"``."""
+        nets: dict[str, nn.Module] = {}
+        if self.inference_mode != "distance":
+            nets["stage1"] = TwoStageNetwork(self.seg_net, "sigmoid", "foreground",
+                                             "stage-1 eroded-foreground probability")
+        if self.inference_mode != "components":
+            nets["stage2"] = TwoStageNetwork(self.dist_net, self.distance_activation, "distance",
+                                             f"stage-2 normalised distance map ({self.distance_activation})")
+        return nets
+
     def dense_probs(self, x: torch.Tensor) -> torch.Tensor:
         if self.inference_mode == "distance":
-            return self._distance(x)
-        fg = torch.sigmoid(self.seg_net(x))
+            return self.run_network("stage2", x)
+        fg = self.run_network("stage1", x)
         if self.inference_mode == "components":
             return fg
-        return torch.cat([fg, self._distance(x)], dim=1)
+        return torch.cat([fg, self.run_network("stage2", x)], dim=1)
 
     def dense_losses(self, x: torch.Tensor, targets: dict[str, torch.Tensor], valid: torch.Tensor
                      ) -> dict[str, torch.Tensor]:

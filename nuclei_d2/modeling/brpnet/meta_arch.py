@@ -28,15 +28,17 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
 
 from ..dense_base import DenseSegmentor, dense_base_kwargs
+from ..networks import NetworkIO
 from ..submodel import SubModel, freeze, setup_submodel
 from .densenet import DenseNetEncoder
 from .proposals import assign_proposal_labels, extract_proposals, proposal_boxes
 from .refine import RefineNet, assemble_refined, build_patches, sigmoid_focal_loss
 from .tafe import TAFE, TASKS, smooth_truncated_loss, soft_dice_loss
 
-__all__ = ["BRPNet"]
+__all__ = ["BRPNet", "RefineNetwork", "TAFENetwork"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,38 @@ INFERENCE_MODES = ("refine", "proposals")
 
 
 STAGE1 = "MODEL.BRPNET.STAGE1"
+
+
+class TAFENetwork(nn.Module):
+    """TAFE as a tensor-in / tensor-out module ("tafe"): normalised image (sides multiples of the backbone's stride;
+    :meth:`BRPNet.dense_probs` pads) -> ``B x 2 x H x W`` semantic and boundary probabilities (sigmoid)."""
+
+    def __init__(self, tafe: TAFE):
+        super().__init__()
+        self.tafe = tafe
+        self.io = NetworkIO(inputs=("image",), outputs=("probs",), channels=(tafe.backbone.in_channels,),
+                            out_channels=(len(TASKS),), size_multiple=tafe.size_divisibility, pad_mode="reflect",
+                            meaning="nucleus (semantic) and boundary probabilities (sigmoid)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tafe(x)
+        return torch.sigmoid(torch.cat([out[t] for t in TASKS], dim=1))
+
+
+class RefineNetwork(nn.Module):
+    """A refinement network as a tensor-in / tensor-out module ("refine_small", "refine_large"): ``B x (C + 2) x S x
+    S`` patches (normalised image, semantic and boundary probabilities, zeroed outside the dilated proposal) -> ``B x
+    1 x S x S`` nucleus probabilities (sigmoid)."""
+
+    def __init__(self, net: RefineNet, size: int):
+        super().__init__()
+        self.net = net
+        self.io = NetworkIO(inputs=("patches",), outputs=("probs",), channels=(net.in_channels,), out_channels=(1,),
+                            fixed_size=(int(size), int(size)),
+                            meaning="refined nucleus probability of each proposal patch (sigmoid)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
 
 
 @META_ARCH_REGISTRY.register()
@@ -162,7 +196,8 @@ class BRPNet(DenseSegmentor):
             "stage1": SubModel.from_config(cfg, STAGE1, "stage-1 TAFE"),
             "allow_pickle": bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE),
         }
-        if int(b.TRAIN_STAGE) == 2 and not b.STAGE1.WEIGHTS and not cfg.MODEL.WEIGHTS:
+        if int(b.TRAIN_STAGE) == 2 and not b.STAGE1.WEIGHTS and not cfg.MODEL.WEIGHTS \
+                and cfg.INFERENCE.RUNTIME == "torch":  # (an exported runtime brings its own networks)
             logger.warning("MODEL.BRPNET.TRAIN_STAGE is 2 but neither MODEL.BRPNET.STAGE1.WEIGHTS nor MODEL.WEIGHTS is "
                            "set: proposals come from an untrained TAFE")
         return kwargs
@@ -195,9 +230,22 @@ class BRPNet(DenseSegmentor):
         out = self.tafe(x)
         return {k: v[..., :h, :w] for k, v in out.items()}
 
+    def network_modules(self) -> dict[str, nn.Module]:
+        """"tafe", and with ``INFERENCE "refine"`` the two refinement networks."""
+        nets: dict[str, nn.Module] = {"tafe": TAFENetwork(self.tafe)}
+        if self.inference_mode == "refine":
+            nets["refine_small"] = RefineNetwork(self.refine_small, self.small_size)
+            nets["refine_large"] = RefineNetwork(self.refine_large, self.large_size)
+        return nets
+
     def dense_probs(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._tafe_logits(x)
-        return torch.sigmoid(torch.cat([out[t] for t in TASKS], dim=1))
+        """TAFE's probabilities for any input size (reflect-padded to a multiple of its stride, cropped back)."""
+        h, w = x.shape[-2:]
+        d = self.tafe.size_divisibility
+        ph, pw = (-h) % d, (-w) % d
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "replicate")
+        return self.run_network("tafe", x)[..., :h, :w]
 
     def dense_losses(self, x: torch.Tensor, targets: dict[str, torch.Tensor], valid: torch.Tensor
                      ) -> dict[str, torch.Tensor]:
@@ -289,10 +337,9 @@ class BRPNet(DenseSegmentor):
                                 self.mask_dilation)
         refined: list[np.ndarray | None] = [None] * len(boxes)
         for g, p in patches.items():
-            net = self._refine_net(g)
             for s in range(0, len(p["index"]), max(self.refine_batch, 1)):
                 batch = torch.from_numpy(p["input"][s:s + self.refine_batch]).to(self.device)
-                out = torch.sigmoid(net(batch)[:, 0]).cpu().numpy()
+                out = self.run_network(f"refine_{g}", batch)[:, 0].float().cpu().numpy()
                 for j, idx in enumerate(p["index"][s:s + self.refine_batch]):
                     refined[int(idx)] = out[j]
         keep = [i for i, r in enumerate(refined) if r is not None]

@@ -51,9 +51,20 @@ class TaskSpecificEncoder(nn.Module):
     def level(self, i: int, feature: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         f = self.lateral[i](feature)
         if previous is not None:
-            down = F.adaptive_max_pool2d(previous, f.shape[-2:]) if previous.shape[-2:] != f.shape[-2:] else previous
-            f = f + down
+            f = f + _down_to(previous, f.shape[-2:])
         return self.merge[i](f)
+
+
+def _down_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x`` max-pooled to ``size``. The usual case, an exact halving (the backbone's inputs are padded to a multiple
+    of its stride), is a plain 2x2 max-pooling: the same numbers as the adaptive pooling, and one that ONNX exports
+    for any input size (the adaptive one exports with the example's window baked in)."""
+    h, w = int(size[0]), int(size[1])
+    if x.shape[-2] == 2 * h and x.shape[-1] == 2 * w:
+        return F.max_pool2d(x, 2)
+    if x.shape[-2] == h and x.shape[-1] == w:
+        return x
+    return F.adaptive_max_pool2d(x, (h, w))
 
 
 class FeatureFusionModule(nn.Module):
