@@ -309,6 +309,22 @@ def test_speed_argument_errors(dataset, tmp_path, capsys):
         speed.check_zoo_names(args)
 
 
+def test_peer_command_is_what_the_peer_scripts_parse(thread_env, dataset, tmp_path):
+    run = make_run(tmp_path, "cellpose", data=dataset)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    args = speed.parse_args(["--model", "m", "--peer", f"cellpose={run}", "--peer-venv", f"cellpose={venv}",
+                             "--data", str(dataset), "--tiles", "2", "--threads", "2", "--warmup", "3",
+                             "--output", str(tmp_path / "out")])
+    cmd = speed.peer_command("cellpose", run, venv, args)
+    assert cmd[:2] == [str(venv / "bin" / "python"), str(PEERS / "train_cellpose.py")]
+    peer = common.parse_args("x", argv=cmd[2:])  # the command line every train_<peer>.py parses
+    assert peer.predict_from == run and peer.threads == 2 and peer.warmup == 3
+    assert peer.output == tmp_path / "out" / "cellpose"
+    assert [p.stem for p in peer.input] == args.tile_ids and all(p.is_file() for p in peer.input)
+
+
 def test_speed_times_a_nuclei_d2_model_through_the_predictor(dataset, tmp_path, capsys):
     """End to end for nuclei-d2 models: a tiny two-stage U-Net (random weights) given twice, as config + weights."""
     from nuclei_d2.modeling import build_nuclei_model

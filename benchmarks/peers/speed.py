@@ -235,12 +235,17 @@ def time_ours(label: str, kind: str, value: Any, images: Sequence[tuple[str, Any
     return seconds
 
 
+def peer_command(name: str, run: Path, venv: Path, args: argparse.Namespace) -> list[str]:
+    """``VENV/bin/python train_<name>.py --predict-from RUN`` on the timed tile files, threads and warm-up."""
+    return [str(venv / "bin" / "python"), str(HERE / f"train_{name}.py"), "--predict-from", str(run),
+            "--input", *[str(_common.tile_path(args.data, t)) for t in args.tile_ids], "--threads", str(args.threads),
+            "--warmup", str(args.warmup), "--output", str(args.output / name)]
+
+
 def time_peer(name: str, run: Path, venv: Path, args: argparse.Namespace) -> list[float]:
     """Seconds per tile of a peer: ``train_<name>.py --predict-from RUN`` in its venv, on the same tile files."""
     out = args.output / name
-    cmd = [str(venv / "bin" / "python"), str(HERE / f"train_{name}.py"), "--predict-from", str(run),
-           "--input", *[str(_common.tile_path(args.data, t)) for t in args.tile_ids], "--threads", str(args.threads),
-           "--warmup", str(args.warmup), "--output", str(out)]
+    cmd = peer_command(name, run, venv, args)
     print(f"{name}: {' '.join(cmd)}", flush=True)
     done = subprocess.run(cmd, cwd=REPO)
     if done.returncode:
