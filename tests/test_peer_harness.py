@@ -188,7 +188,7 @@ def test_predict_only_uses_the_runs_thresholds_and_test_tiles(thread_env, datase
     assert seen == {"run": run, "prob": 120.0}
     assert record["test_tiles"] == test_ids and record["predict_from"] == str(run.resolve())
     assert record["thresholds"] == {"prob": 120.0, "nms": 0.3} and record["threads"] == 1 and record["warmup"] == 1
-    assert sorted(record["seconds_by_tile"]) == sorted(test_ids)
+    assert sorted(record["seconds_by_tile"]) == sorted(record["cpu_seconds_by_tile"]) == sorted(test_ids)
     assert record["seconds_per_tile_min"] <= record["seconds_per_tile"]
     for t in test_ids:
         got = np.asarray(Image.open(out / "labels" / f"{t}.png"))
@@ -237,21 +237,29 @@ def test_default_venv_is_the_setup_scripts(tmp_path):
 
 def test_summarize_ratio_to_the_first_nuclei_d2_model():
     rows = speed.summarize([
-        {"method": "stardist", "kind": "peer", "source": "r", "threads": 1, "seconds": [3.0, 5.0]},
-        {"method": "a", "kind": "zoo", "source": "a", "threads": 1, "seconds": [2.0, 1.0, 3.0]},
-        {"method": "b", "kind": "config", "source": "b.yaml b.pth", "threads": 1, "seconds": [8.0]},
+        {"method": "stardist", "kind": "peer", "source": "r", "threads": 1, "seconds": [3.0, 5.0],
+         "cpu_seconds": [1.0, 2.0]},
+        {"method": "a", "kind": "zoo", "source": "a", "threads": 1, "seconds": [2.0, 1.0, 3.0],
+         "cpu_seconds": [0.5, 0.5, 0.5]},
+        {"method": "b", "kind": "config", "source": "b.yaml b.pth", "threads": 1, "seconds": [8.0],
+         "cpu_seconds": None},
     ])
     by = {r["method"]: r for r in rows}
     assert [r["method"] for r in rows] == ["stardist", "a", "b"]
     assert by["a"]["s_per_tile_mean"] == 2.0 and by["a"]["s_per_tile_min"] == 1.0 and by["a"]["tiles"] == 3
     assert by["a"]["ratio"] == 1.0 and by["stardist"]["ratio"] == 2.0 and by["b"]["ratio"] == 4.0
+    assert by["stardist"]["cpu_s_per_tile_mean"] == 1.5 and by["stardist"]["cpu_ratio"] == 3.0
+    assert np.isnan(by["b"]["cpu_s_per_tile_mean"]) and np.isnan(by["b"]["cpu_ratio"])
     table = speed.format_table(rows).splitlines()
-    assert table[0].endswith("ratio to a |") and len(table) == 5
-    assert table[2] == "| stardist | peer | 2 | 1 | 4.00 | 3.00 | 2.00 |"
+    assert table[0].endswith("ratio to a | CPU ratio |") and len(table) == 5
+    assert table[2] == "| stardist | peer | 2 | 1 | 4.00 | 3.00 | 1.50 | 2.00 | 3.00 |"
     with pytest.raises(ValueError, match="no nuclei-d2 model"):
         speed.summarize([{"method": "s", "kind": "peer", "source": "r", "threads": 1, "seconds": [1.0]}])
     with pytest.raises(ValueError, match="a: no timed tile"):
         speed.summarize([{"method": "a", "kind": "zoo", "source": "a", "threads": 1, "seconds": []}])
+    with pytest.raises(ValueError, match="a: 1 CPU times for 2 tiles"):
+        speed.summarize([{"method": "a", "kind": "zoo", "source": "a", "threads": 1, "seconds": [1.0, 2.0],
+                          "cpu_seconds": [1.0]}])
 
 
 def test_write_outputs_and_read_predict_json(tmp_path):
@@ -266,7 +274,9 @@ def test_write_outputs_and_read_predict_json(tmp_path):
     with pytest.raises(ValueError, match="missing"):
         speed.read_predict_json(pred, ["x"])
     pred.write_text(json.dumps({"seconds_by_tile": {"y": 2.0, "x": 1.0}}))
-    assert speed.read_predict_json(pred, ["x", "y"]) == [1.0, 2.0]
+    assert speed.read_predict_json(pred, ["x", "y"]) == ([1.0, 2.0], None)
+    pred.write_text(json.dumps({"seconds_by_tile": {"y": 2.0, "x": 1.0}, "cpu_seconds_by_tile": {"y": 0.2, "x": 0.1}}))
+    assert speed.read_predict_json(pred, ["y", "x"]) == ([2.0, 1.0], [0.2, 0.1])
     with pytest.raises(ValueError, match="no time for tile z"):
         speed.read_predict_json(pred, ["x", "z"])
     pred.write_text("{")
@@ -340,11 +350,12 @@ def test_speed_times_a_nuclei_d2_model_through_the_predictor(dataset, tmp_path, 
             "--data", str(dataset), "--tiles", "2", "--warmup", "0", "--output", str(out)]
     assert speed.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| a | config | 2 | 1 |" in printed and "ratio to a |" in printed
+    assert "| a | config | 2 | 1 |" in printed and "ratio to a | CPU ratio |" in printed
     record = json.loads((out / "speed.json").read_text())
     assert [r["method"] for r in record["rows"]] == ["a", "b"] and record["rows"][0]["ratio"] == 1.0
     assert record["rows"][1]["ratio"] == pytest.approx(np.mean(record["seconds_by_method"]["b"])
                                                        / np.mean(record["seconds_by_method"]["a"]))
+    assert all(c > 0 for c in record["cpu_seconds_by_method"]["a"])
     for t in record["tiles"]:
         a = np.asarray(Image.open(out / "a" / "labels" / f"{t}.png"))
         b = np.asarray(Image.open(out / "b" / "labels" / f"{t}.png"))

@@ -10,10 +10,11 @@ weights) run here, in nuclei-d2's venv, through :class:`nuclei_d2.inference.pred
 finished run of ``train_<NAME>.py``) runs in its own venv's python as ``train_<NAME>.py --predict-from RUN``, which
 times each tile inside the peer process. Everywhere the clock covers one prediction of an RGB array in memory
 (the method's normalisation and post-processing included; model loading, reading and writing excluded), after
-``--warmup`` untimed predictions of the first tile, with ``--threads`` threads. The tiles are the first ``--tiles``
-test tiles of ``--split``. Prints the table method | s per tile (mean, min) | ratio to the first nuclei-d2 model given
-(mean over mean); writes ``OUTPUT/speed.csv``, ``OUTPUT/speed.json`` and each method's label maps under
-``OUTPUT/<method>/labels``.
+``--warmup`` untimed predictions of the first tile, with ``--threads`` threads; the process's CPU seconds over the
+same call are recorded too (on a loaded machine the wall clock also counts the time other processes had the cores).
+The tiles are the first ``--tiles`` test tiles of ``--split``. Prints the table method | s per tile (mean, min) | CPU
+s per tile | ratio to the first nuclei-d2 model given (mean over mean, wall clock and CPU); writes
+``OUTPUT/speed.csv``, ``OUTPUT/speed.json`` and each method's label maps under ``OUTPUT/<method>/labels``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import subprocess
@@ -39,7 +41,8 @@ sys.path.insert(1, str(REPO))  # this clone's nuclei_d2, whatever the venv has i
 import _common  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "monuseg2018"
-CSV_FIELDS = ("method", "kind", "source", "tiles", "threads", "s_per_tile_mean", "s_per_tile_min", "ratio")
+CSV_FIELDS = ("method", "kind", "source", "tiles", "threads", "s_per_tile_mean", "s_per_tile_min",
+              "cpu_s_per_tile_mean", "ratio", "cpu_ratio")
 
 
 def default_venv(peer: str, environ: dict[str, str] | None = None) -> Path:
@@ -146,32 +149,40 @@ def check_zoo_names(args: argparse.Namespace) -> None:
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of the table from ``[{"method", "kind", "source", "threads", "seconds": [per tile]}]``: mean and min
-    seconds per tile, and the ratio of each mean to the first nuclei-d2 model's (kind ``zoo`` or ``config``)."""
+    """Rows of the table from ``[{"method", "kind", "source", "threads", "seconds": [per tile], "cpu_seconds":
+    [per tile] or None}]``: mean and min seconds per tile, mean CPU seconds (NaN when not measured), and the ratios
+    of each mean to the first nuclei-d2 model's (kind ``zoo`` or ``config``)."""
     rows = []
     for r in results:
         seconds = [float(s) for s in r["seconds"]]
         if not seconds:
             raise ValueError(f"{r['method']}: no timed tile")
+        cpu = r.get("cpu_seconds")
+        if cpu is not None and len(cpu) != len(seconds):
+            raise ValueError(f"{r['method']}: {len(cpu)} CPU times for {len(seconds)} tiles")
         rows.append({"method": r["method"], "kind": r["kind"], "source": r["source"], "tiles": len(seconds),
                      "threads": r["threads"], "s_per_tile_mean": sum(seconds) / len(seconds),
-                     "s_per_tile_min": min(seconds)})
+                     "s_per_tile_min": min(seconds),
+                     "cpu_s_per_tile_mean": sum(map(float, cpu)) / len(cpu) if cpu else math.nan})
     base = next((r for r in rows if r["kind"] in ("zoo", "config")), None)
     if base is None:
         raise ValueError("no nuclei-d2 model among the results: nothing to give the ratios to")
     for r in rows:
         r["ratio"] = r["s_per_tile_mean"] / base["s_per_tile_mean"]
+        r["cpu_ratio"] = (r["cpu_s_per_tile_mean"] / base["cpu_s_per_tile_mean"]
+                          if base["cpu_s_per_tile_mean"] > 0 else math.nan)
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (ratio: mean seconds per tile over the first nuclei-d2 model's)."""
+    """The rows as a Markdown table (ratios: mean seconds per tile over the first nuclei-d2 model's)."""
     base = next(r["method"] for r in rows if r["kind"] in ("zoo", "config"))
-    lines = [f"| method | kind | tiles | threads | s per tile (mean) | s per tile (min) | ratio to {base} |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"| method | kind | tiles | threads | s per tile (mean) | s per tile (min) | CPU s per tile (mean) | "
+             f"ratio to {base} | CPU ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['kind']} | {r['tiles']} | {r['threads']} | {r['s_per_tile_mean']:.2f} | "
-                     f"{r['s_per_tile_min']:.2f} | {r['ratio']:.2f} |")
+                     f"{r['s_per_tile_min']:.2f} | {r['cpu_s_per_tile_mean']:.2f} | {r['ratio']:.2f} | "
+                     f"{r['cpu_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -188,9 +199,9 @@ def write_outputs(output: Path, rows: Sequence[dict[str, Any]], meta: dict[str, 
     return path_csv, path_json
 
 
-def read_predict_json(path: Path, tiles: Sequence[str]) -> list[float]:
-    """Seconds per tile a peer's ``--predict-from`` wrote in ``predict.json``, in the order of ``tiles`` (every one
-    must be there)."""
+def read_predict_json(path: Path, tiles: Sequence[str]) -> tuple[list[float], list[float] | None]:
+    """Seconds and CPU seconds (None if not recorded) per tile a peer's ``--predict-from`` wrote in
+    ``predict.json``, in the order of ``tiles`` (every one must be there)."""
     try:
         record = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -203,13 +214,15 @@ def read_predict_json(path: Path, tiles: Sequence[str]) -> list[float]:
     missing = [t for t in tiles if t not in by_tile]
     if missing:
         raise ValueError(f"{path}: no time for tile {missing[0]}")
-    return [float(by_tile[t]) for t in tiles]
+    cpu = record.get("cpu_seconds_by_tile")
+    cpu = [float(cpu[t]) for t in tiles] if isinstance(cpu, dict) and all(t in cpu for t in tiles) else None
+    return [float(by_tile[t]) for t in tiles], cpu
 
 
 def time_ours(label: str, kind: str, value: Any, images: Sequence[tuple[str, Any]], args: argparse.Namespace
-              ) -> list[float]:
-    """Seconds per tile of a nuclei-d2 model through the Predictor (built first, not timed); label maps go to
-    ``OUTPUT/<label>/labels``."""
+              ) -> tuple[list[float], list[float]]:
+    """Seconds and CPU seconds per tile of a nuclei-d2 model through the Predictor (built first, not timed); label
+    maps go to ``OUTPUT/<label>/labels``."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -225,14 +238,15 @@ def time_ours(label: str, kind: str, value: Any, images: Sequence[tuple[str, Any
         predictor = Predictor(cfg, progress=False)
     for _ in range(args.warmup):
         predictor.predict(images[0][1])
-    seconds = []
+    seconds, cpu = [], []
     for tile, rgb in images:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         nuclei = predictor.predict(rgb)
         seconds.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         _common.write_labels(args.output / label, tile, nuclei.to_label_map())
-        print(f"{label}: {tile}: {len(nuclei)} nuclei in {seconds[-1]:.2f} s", flush=True)
-    return seconds
+        print(f"{label}: {tile}: {len(nuclei)} nuclei in {seconds[-1]:.2f} s ({cpu[-1]:.2f} s CPU)", flush=True)
+    return seconds, cpu
 
 
 def peer_command(name: str, run: Path, venv: Path, args: argparse.Namespace) -> list[str]:
@@ -242,8 +256,9 @@ def peer_command(name: str, run: Path, venv: Path, args: argparse.Namespace) -> 
             "--warmup", str(args.warmup), "--output", str(args.output / name)]
 
 
-def time_peer(name: str, run: Path, venv: Path, args: argparse.Namespace) -> list[float]:
-    """Seconds per tile of a peer: ``train_<name>.py --predict-from RUN`` in its venv, on the same tile files."""
+def time_peer(name: str, run: Path, venv: Path, args: argparse.Namespace) -> tuple[list[float], list[float] | None]:
+    """Seconds and CPU seconds per tile of a peer: ``train_<name>.py --predict-from RUN`` in its venv, on the same
+    tile files."""
     out = args.output / name
     cmd = peer_command(name, run, venv, args)
     print(f"{name}: {' '.join(cmd)}", flush=True)
@@ -262,15 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = [(t, _common.read_image(args.data, t)) for t in args.tile_ids]
     results = []
     for label, kind, value in args.ours:
+        seconds, cpu = time_ours(label, kind, value, images, args)
         results.append({"method": label, "kind": kind, "source": value if kind == "zoo" else " ".join(value),
-                        "threads": args.threads, "seconds": time_ours(label, kind, value, images, args)})
+                        "threads": args.threads, "seconds": seconds, "cpu_seconds": cpu})
     for name, run, venv in args.peers:
+        seconds, cpu = time_peer(name, run, venv, args)
         results.append({"method": name, "kind": "peer", "source": str(run), "threads": args.threads,
-                        "seconds": time_peer(name, run, venv, args)})
+                        "seconds": seconds, "cpu_seconds": cpu})
     rows = summarize(results)
     meta = {"argv": sys.argv, "tiles": args.tile_ids, "split": args.split, "data": str(args.data),
             "threads": args.threads, "warmup": args.warmup, "machine": platform.machine(), "cpus": os.cpu_count(),
-            "seconds_by_method": {r["method"]: r["seconds"] for r in results}}
+            "seconds_by_method": {r["method"]: r["seconds"] for r in results},
+            "cpu_seconds_by_method": {r["method"]: r["cpu_seconds"] for r in results}}
     print(format_table(rows))
     for path in write_outputs(args.output, rows, meta):
         print(path)
