@@ -8,6 +8,7 @@ import argparse
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,9 @@ def test_run_json_round_trip(tmp_path):
     assert record["thresholds"] == {"flow_threshold": 0.4, "cellprob_threshold": -1.0}
     assert record["minutes_trained"] == 2.1 and record["threads"] == 1 and record["split"] == "kumar2017"
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run / "run.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 @pytest.mark.parametrize("peer", ["stardist", "cellpose", "instanseg"])
@@ -155,8 +159,6 @@ def test_parse_args_predict_from_rules(thread_env, tmp_path):
         common.parse_args("x", argv=["--predict-from", "r", "--output", "o", "--warmup", "-1"])
     args = common.parse_args("x", argv=["--predict-from", "r", "--output", "o", "--threads", "3"])
     assert args.predict_from == Path("r") and args.data is None and args.split is None
-    import os
-
     assert os.environ["OMP_NUM_THREADS"] == "3"
     assert common.parse_args("x", argv=["--data", "d", "--output", "o"]).split == common.DEFAULT_SPLIT
 

@@ -127,12 +127,16 @@ def read_labels(data: Path, tile: str) -> Any:
 
 
 def _atomic(path: Path, write: Callable[[Any], None]) -> Path:
-    """Call ``write(file object)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(file object)`` on a temporary file beside ``path``, then rename it to ``path`` (as
+    ``nuclei_d2.utils.io.atomic_write``, which the peer venvs cannot import)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
