@@ -24,6 +24,7 @@ Writes ``OUTPUT/models/cellpose_kumar``, ``OUTPUT/labels/<id>.png`` and ``OUTPUT
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 import time
@@ -54,9 +55,12 @@ def segment(model, img, channels: list[int], flow_t: float, prob_t: float):  # n
     return model.eval(img, channels=channels, channel_axis=2, flow_threshold=flow_t, cellprob_threshold=prob_t)[0]
 
 
-def load_run(run: Path, record: dict):  # noqa: ANN201 - (rgb -> labels)
+def load_run(run: Path, record: dict, threads: int = 1):  # noqa: ANN201 - (rgb -> labels)
     """``--predict-from``: the network a previous run saved in ``run/models/cellpose_kumar`` with that run's channels
     and thresholds."""
+    import torch
+
+    torch.set_num_threads(threads)
     from cellpose import models
 
     model = models.CellposeModel(gpu=False, pretrained_model=str(run / "models" / "cellpose_kumar"))
@@ -69,14 +73,14 @@ def load_run(run: Path, record: dict):  # noqa: ANN201 - (rgb -> labels)
 def main() -> None:
     """Calibrate, train, pick thresholds on training tiles, predict the test tiles, write run.json."""
     args = _common.parse_args(__doc__.splitlines()[0], extra_args)
+    if args.predict_from is not None:  # RUN is checked before torch is imported
+        _common.predict_only(args, "cellpose", functools.partial(load_run, threads=args.threads), package_versions())
+        return
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    if args.predict_from is not None:
-        _common.predict_only(args, "cellpose", load_run, package_versions())
-        return
     from cellpose import dynamics, metrics, models, train
 
     args.output.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ pixel sizes and thresholds of ``RUN/run.json`` and writes ``OUTPUT/labels/<id>.p
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import multiprocessing as mp
 import shutil
@@ -90,9 +91,12 @@ def segment(model: Any, img: Any, pixel_size: float, seed: float, mask: float) -
     return out.squeeze().cpu().numpy().astype(np.int64)
 
 
-def load_run(run: Path, record: dict[str, Any]) -> Any:
+def load_run(run: Path, record: dict[str, Any], threads: int = 1) -> Any:
     """``--predict-from``: the checkpoint a previous run kept in ``run/instanseg`` at that run's pixel sizes and
     thresholds."""
+    import torch
+
+    torch.set_num_threads(threads)
     model = load_instanseg(run, float(record.get("model_pixel_size", 0.5)))
     pixel_size = float(record.get("pixel_size", 0.25))
     seed, mask = float(record["thresholds"]["seed_threshold"]), float(record["thresholds"]["mask_threshold"])
@@ -102,11 +106,9 @@ def load_run(run: Path, record: dict[str, Any]) -> Any:
 def main() -> None:
     """Train for the budget, pick thresholds on training tiles, predict the test tiles, write run.json."""
     args = _common.parse_args(__doc__.splitlines()[0], extra_args)
-    if args.predict_from is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        _common.predict_only(args, "instanseg", load_run, package_versions())
+    if args.predict_from is not None:  # RUN is checked before torch is imported
+        _common.predict_only(args, "instanseg", functools.partial(load_run, threads=args.threads),
+                             package_versions())
         return
     import numpy as np
 

@@ -20,6 +20,7 @@ with) and the thresholds of ``RUN/run.json``, and writes ``OUTPUT/labels/<id>.pn
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -83,9 +84,18 @@ def make_predict(model, thresholds: dict):  # noqa: ANN001, ANN201 - StarDist2D 
     return predict
 
 
-def load_run(run: Path, record: dict):  # noqa: ANN201 - (rgb -> labels)
+def limit_threads(threads: int) -> None:
+    """TensorFlow's intra- and inter-op pools at ``threads`` (before any TF op runs)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def load_run(run: Path, record: dict, threads: int = 1):  # noqa: ANN201 - (rgb -> labels)
     """``--predict-from``: the StarDist model a previous run saved in ``run/stardist`` (its best weights, the ones
     training ended with) at the thresholds of its run.json."""
+    limit_threads(threads)
     from stardist.models import StarDist2D
 
     model = StarDist2D(None, name="stardist", basedir=str(run))
@@ -96,14 +106,14 @@ def load_run(run: Path, record: dict):  # noqa: ANN201 - (rgb -> labels)
 def main() -> None:
     """Train, tune thresholds on the training tiles, predict the test tiles, write run.json."""
     args = _common.parse_args(__doc__.splitlines()[0], extra_args)
+    if args.predict_from is not None:  # RUN is checked before TensorFlow is imported
+        _common.predict_only(args, "stardist", functools.partial(load_run, threads=args.threads),
+                             package_versions())
+        return
     import numpy as np
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    if args.predict_from is not None:
-        _common.predict_only(args, "stardist", load_run, package_versions())
-        return
+    limit_threads(args.threads)
     from stardist import fill_label_holes
     from stardist.models import Config2D, StarDist2D
 
