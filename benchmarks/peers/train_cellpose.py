@@ -16,11 +16,15 @@ run gets ``n_epochs`` that fit the rest of the budget. Inference: the trained mo
 rescales by ``diam_mean / diam_labels``, the training tiles' mean diameter) and ``flow_threshold`` /
 ``cellprob_threshold`` picked on training tiles (mean AP at IoU 0.5, ``cellpose.metrics.average_precision``).
 Writes ``OUTPUT/models/cellpose_kumar``, ``OUTPUT/labels/<id>.png`` and ``OUTPUT/run.json``.
+
+``--predict-from RUN`` skips training: it loads ``RUN/models/cellpose_kumar`` with the channels and thresholds of
+``RUN/run.json`` and writes ``OUTPUT/labels/<id>.png`` and ``OUTPUT/predict.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import sys
 import time
@@ -41,9 +45,37 @@ def extra_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safety", type=float, default=0.95, help="fraction of the remaining budget to plan for")
 
 
+def package_versions() -> dict[str, str]:
+    """The installed versions run.json and predict.json record."""
+    return _common.versions("cellpose", "torch", "numpy")
+
+
+def segment(model, img, channels: list[int], flow_t: float, prob_t: float):  # noqa: ANN001, ANN201
+    """Label map of an RGB tile (``CellposeModel.eval`` at the model's own diameter)."""
+    return model.eval(img, channels=channels, channel_axis=2, flow_threshold=flow_t, cellprob_threshold=prob_t)[0]
+
+
+def load_run(run: Path, record: dict, threads: int = 1):  # noqa: ANN201 - (rgb -> labels)
+    """``--predict-from``: the network a previous run saved in ``run/models/cellpose_kumar`` with that run's channels
+    and thresholds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from cellpose import models
+
+    model = models.CellposeModel(gpu=False, pretrained_model=str(run / "models" / "cellpose_kumar"))
+    channels = [int(c) for c in record.get("channels", [0, 0])]
+    flow_t = float(record["thresholds"]["flow_threshold"])
+    prob_t = float(record["thresholds"]["cellprob_threshold"])
+    return lambda img: segment(model, img, channels, flow_t, prob_t)
+
+
 def main() -> None:
     """Calibrate, train, pick thresholds on training tiles, predict the test tiles, write run.json."""
     args = _common.parse_args(__doc__.splitlines()[0], extra_args)
+    if args.predict_from is not None:  # RUN is checked before torch is imported
+        _common.predict_only(args, "cellpose", functools.partial(load_run, threads=args.threads), package_versions())
+        return
     import numpy as np
     import torch
 
@@ -88,8 +120,7 @@ def main() -> None:
     tune = list(zip(images, labels, strict=True))[:args.tune_tiles]
     scores = {}
     for flow_t, prob_t in itertools.product(args.flow_thresholds, args.cellprob_thresholds):
-        pred = [model.eval(img, channels=args.channels, channel_axis=2, flow_threshold=flow_t,
-                           cellprob_threshold=prob_t)[0] for img, _ in tune]
+        pred = [segment(model, img, args.channels, flow_t, prob_t) for img, _ in tune]
         ap = metrics.average_precision([lab for _, lab in tune], pred, threshold=[0.5])[0]
         scores[(flow_t, prob_t)] = float(np.mean(ap[:, 0]))
         print(f"flow_threshold={flow_t} cellprob_threshold={prob_t}: AP50 {scores[(flow_t, prob_t)]:.4f}",
@@ -97,13 +128,9 @@ def main() -> None:
     flow_t, prob_t = max(scores, key=scores.get)
     tune_s = time.monotonic() - t0
 
-    def predict(img):  # noqa: ANN001, ANN202
-        return model.eval(img, channels=args.channels, channel_axis=2, flow_threshold=flow_t,
-                          cellprob_threshold=prob_t)[0]
-
-    pred = _common.predict_tiles(args, test_ids, predict)
+    pred = _common.predict_tiles(args, test_ids, lambda img: segment(model, img, args.channels, flow_t, prob_t))
     info = {
-        "versions": _common.versions("cellpose", "torch", "numpy"),
+        "versions": package_versions(),
         "train_tiles": train_ids,
         "minutes_trained": round(train_s / 60, 2),
         "minutes_trained_note": "includes flow computation and the calibration runs",

@@ -17,11 +17,15 @@ the best validation F1 so far) is the model. Validation data:
 the training tiles. Inference: ``InstanSeg(model).eval_small_image(tile, pixel_size=0.25)``; ``seed_threshold`` and
 ``mask_threshold`` picked on training tiles (F1 at IoU 0.5). Writes ``OUTPUT/instanseg/``, ``OUTPUT/labels/<id>.png``
 and ``OUTPUT/run.json``.
+
+``--predict-from RUN`` skips training: it loads ``RUN/instanseg/`` (the checkpoint the run predicted with) with the
+pixel sizes and thresholds of ``RUN/run.json`` and writes ``OUTPUT/labels/<id>.png`` and ``OUTPUT/predict.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import multiprocessing as mp
 import shutil
@@ -58,9 +62,54 @@ def _train_child(dataset: dict[str, list[dict[str, Any]]], kwargs: dict[str, Any
     instanseg_training(segmentation_dataset=dataset, **kwargs)
 
 
+def package_versions() -> dict[str, str]:
+    """The installed versions run.json and predict.json record."""
+    return _common.versions("instanseg-torch", "torch", "torchvision", "monai", "numpy")
+
+
+def load_instanseg(output: Path, model_pixel_size: float) -> Any:
+    """The ``InstanSeg`` object of the checkpoint in ``output/instanseg`` (its loader, then the TorchScript
+    wrapper the ``InstanSeg`` class reads)."""
+    import torch
+    from instanseg import InstanSeg
+    from instanseg.utils.loss.instanseg_loss import InstanSeg_Torchscript
+    from instanseg.utils.model_loader import load_model
+
+    net, model_dict = load_model(folder=EXPERIMENT, path=str(output))
+    wrapped = InstanSeg_Torchscript(net, cells_and_nuclei=False, pixel_size=model_pixel_size,
+                                    n_sigma=int(model_dict["n_sigma"]),
+                                    feature_engineering_function=str(model_dict["feature_engineering"]))
+    return InstanSeg(torch.jit.script(wrapped), device="cpu", verbosity=0)  # it reads the TorchScript graph
+
+
+def segment(model: Any, img: Any, pixel_size: float, seed: float, mask: float) -> Any:
+    """Label map (int64) of an RGB tile at ``pixel_size`` um/px."""
+    import numpy as np
+
+    out = model.eval_small_image(img, pixel_size=pixel_size, return_image_tensor=False, seed_threshold=seed,
+                                 mask_threshold=mask)
+    return out.squeeze().cpu().numpy().astype(np.int64)
+
+
+def load_run(run: Path, record: dict[str, Any], threads: int = 1) -> Any:
+    """``--predict-from``: the checkpoint a previous run kept in ``run/instanseg`` at that run's pixel sizes and
+    thresholds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model = load_instanseg(run, float(record.get("model_pixel_size", 0.5)))
+    pixel_size = float(record.get("pixel_size", 0.25))
+    seed, mask = float(record["thresholds"]["seed_threshold"]), float(record["thresholds"]["mask_threshold"])
+    return lambda img: segment(model, img, pixel_size, seed, mask)
+
+
 def main() -> None:
     """Train for the budget, pick thresholds on training tiles, predict the test tiles, write run.json."""
     args = _common.parse_args(__doc__.splitlines()[0], extra_args)
+    if args.predict_from is not None:  # RUN is checked before torch is imported
+        _common.predict_only(args, "instanseg", functools.partial(load_run, threads=args.threads),
+                             package_versions())
+        return
     import numpy as np
 
     args.output.mkdir(parents=True, exist_ok=True)
@@ -105,39 +154,26 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from instanseg import InstanSeg
-    from instanseg.utils.loss.instanseg_loss import InstanSeg_Torchscript
-    from instanseg.utils.model_loader import load_model
-
     try:
-        net, model_dict = load_model(folder=EXPERIMENT, path=str(args.output))
+        model = load_instanseg(args.output, args.model_pixel_size)
     except Exception:  # the stop came during a save: use the last complete checkpoint
         shutil.copy2(safe, weights)
-        net, model_dict = load_model(folder=EXPERIMENT, path=str(args.output))
+        model = load_instanseg(args.output, args.model_pixel_size)
     checkpoint = torch.load(weights, map_location="cpu", weights_only=False)
-    wrapped = InstanSeg_Torchscript(net, cells_and_nuclei=False, pixel_size=args.model_pixel_size,
-                                    n_sigma=int(model_dict["n_sigma"]),
-                                    feature_engineering_function=str(model_dict["feature_engineering"]))
-    model = InstanSeg(torch.jit.script(wrapped), device="cpu", verbosity=0)  # it reads the TorchScript graph
-
-    def segment(img: Any, seed: float, mask: float) -> Any:
-        out = model.eval_small_image(img, pixel_size=args.pixel_size, return_image_tensor=False,
-                                     seed_threshold=seed, mask_threshold=mask)
-        return out.squeeze().cpu().numpy().astype(np.int64)
 
     t0 = time.monotonic()
     scores = {}
     for seed, mask in itertools.product(args.seed_thresholds, args.mask_thresholds):
-        f1 = [_common.f1_at_half(lab, segment(img, seed, mask))
+        f1 = [_common.f1_at_half(lab, segment(model, img, args.pixel_size, seed, mask))
               for img, lab in list(zip(images, labels, strict=True))[:args.tune_tiles]]
         scores[(seed, mask)] = float(np.mean(f1))
         print(f"seed_threshold={seed} mask_threshold={mask}: F1@0.5 {scores[(seed, mask)]:.4f}", flush=True)
     seed, mask = max(scores, key=scores.get)
     tune_s = time.monotonic() - t0
 
-    pred = _common.predict_tiles(args, test_ids, lambda img: segment(img, seed, mask))
+    pred = _common.predict_tiles(args, test_ids, lambda img: segment(model, img, args.pixel_size, seed, mask))
     info = {
-        "versions": _common.versions("instanseg-torch", "torch", "torchvision", "monai", "numpy"),
+        "versions": package_versions(),
         "train_tiles": train_ids,
         "minutes_trained": round(train_s / 60, 2),
         "stopped_by_budget": stopped,

@@ -12,11 +12,15 @@ a random intensity scale and shift). The training tiles serve as the validation 
 the best-weights checkpoint) and for ``optimize_thresholds``: no test tile is seen before prediction. Training stops
 when the budget is used (a Keras callback checked after every batch). Writes ``OUTPUT/stardist/`` (the model),
 ``OUTPUT/labels/<id>.png`` and ``OUTPUT/run.json``.
+
+``--predict-from RUN`` skips training: it loads ``RUN/stardist/`` (``weights_best.h5``, the weights the run predicted
+with) and the thresholds of ``RUN/run.json``, and writes ``OUTPUT/labels/<id>.png`` and ``OUTPUT/predict.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
 RNG = None  # numpy Generator of the augmenter, seeded in main()
+
+
+def package_versions() -> dict[str, str]:
+    """The installed versions run.json and predict.json record."""
+    return _common.versions("stardist", "csbdeep", "tensorflow-cpu", "tensorflow", "numpy")
 
 
 def extra_args(p: argparse.ArgumentParser) -> None:
@@ -62,14 +71,49 @@ def augmenter(x, y):  # noqa: ANN001, ANN201 - StarDist's augmenter signature: (
     return x, y
 
 
+def make_predict(model, thresholds: dict):  # noqa: ANN001, ANN201 - StarDist2D in, (rgb -> labels) out
+    """Label map of an RGB tile: the notebooks' normalisation, then ``predict_instances`` at the chosen thresholds."""
+    import numpy as np
+
+    prob, nms = float(thresholds["prob"]), float(thresholds["nms"])
+
+    def predict(img):  # noqa: ANN001, ANN202
+        labels, _ = model.predict_instances(normalize_rgb(img).astype(np.float32), prob_thresh=prob, nms_thresh=nms)
+        return labels
+
+    return predict
+
+
+def limit_threads(threads: int) -> None:
+    """TensorFlow's intra- and inter-op pools at ``threads`` (before any TF op runs)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
+def load_run(run: Path, record: dict, threads: int = 1):  # noqa: ANN201 - (rgb -> labels)
+    """``--predict-from``: the StarDist model a previous run saved in ``run/stardist`` (its best weights, the ones
+    training ended with) at the thresholds of its run.json."""
+    limit_threads(threads)
+    from stardist.models import StarDist2D
+
+    model = StarDist2D(None, name="stardist", basedir=str(run))
+    model.load_weights("weights_best.h5")
+    return make_predict(model, record["thresholds"])
+
+
 def main() -> None:
     """Train, tune thresholds on the training tiles, predict the test tiles, write run.json."""
     args = _common.parse_args(__doc__.splitlines()[0], extra_args)
+    if args.predict_from is not None:  # RUN is checked before TensorFlow is imported
+        _common.predict_only(args, "stardist", functools.partial(load_run, threads=args.threads),
+                             package_versions())
+        return
     import numpy as np
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    limit_threads(args.threads)
     from stardist import fill_label_holes
     from stardist.models import Config2D, StarDist2D
 
@@ -127,13 +171,10 @@ def main() -> None:
         tuned_on = "not tuned: StarDist's defaults"
     tune_s = time.monotonic() - t0
 
-    def predict(img):  # noqa: ANN001, ANN202
-        labels, _ = model.predict_instances(normalize_rgb(img).astype(np.float32))
-        return labels
-
-    pred = _common.predict_tiles(args, test_ids, predict)
+    thresholds = {k: float(v) for k, v in thresholds.items()}
+    pred = _common.predict_tiles(args, test_ids, make_predict(model, thresholds))
     info = {
-        "versions": _common.versions("stardist", "csbdeep", "tensorflow-cpu", "tensorflow", "numpy"),
+        "versions": package_versions(),
         "train_tiles": train_ids,
         "minutes_trained": round(train_s / 60, 2),
         "iterations": budget.batches,
@@ -144,7 +185,7 @@ def main() -> None:
         "grid": list(conf.grid),
         "augmentation": "none" if args.no_augment else "flips, 90-degree rotations, intensity x U(0.6,2) + U(-0.2,0.2)",
         "validation": "the training tiles (no held-out tile)",
-        "thresholds": {k: float(v) for k, v in thresholds.items()},
+        "thresholds": thresholds,
         "thresholds_chosen_on": tuned_on,
         "minutes_threshold_tuning": round(tune_s / 60, 2),
         "model_dir": str(args.output / "stardist"),
