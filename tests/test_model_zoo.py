@@ -152,13 +152,20 @@ def test_half_state_keeps_what_float16_cannot_hold():
     assert half["n"].dtype == torch.int64 and half["d"].dtype == torch.float64
 
 
-def test_ensemble_entry_loads_its_members(zoo, tmp_path, monkeypatch):
+def test_ensemble_entry_loads_its_members(zoo, tiny_run, tmp_path, monkeypatch):
     root = _copy_zoo(zoo, tmp_path / "zoo")
     monkeypatch.setenv(model_zoo.ZOO_ENV, str(root))
+    held = tiny_run / "inference" / "nuclei_synth_test" / "nuclei_results.json"
     entry = add_ensemble_entry("nb-pair", ["nb-tiny", "nb-tiny-fp32"], root=root,
                                overrides={"TEST.MERGE.MODE": "probs"}, description="two copies",
-                               check_dataset="nuclei_synth_test", check_images=2)
+                               card={"held_out": {"command": "benchmarks/ensemble.py ...", "note": "by hand"}},
+                               held_out=str(held), check_dataset="nuclei_synth_test", check_images=2)
     assert entry["card"]["check"]["images"] == ["synth_test_000", "synth_test_001"]
+    # the held-out scores join the command and note the card was given (they do not replace them)
+    card = model_zoo.get_entry("nb-pair").card
+    assert card["held_out"]["command"] == "benchmarks/ensemble.py ..." and card["held_out"]["note"] == "by hand"
+    assert card["held_out"]["scores"]["AJI"] == pytest.approx(
+        json.loads(held.read_text())["summary"]["all"]["mean"]["AJI"], abs=1e-4)
     cfg = model_zoo.get_config("nb-pair")
     assert cfg.MODEL.WEIGHTS == str(root / "weights" / "nb-tiny.pth")
     assert list(cfg.TEST.ENSEMBLE.WEIGHTS) == [str(root / "weights" / "nb-tiny-fp32.pth")]

@@ -292,7 +292,9 @@ def add_ensemble_entry(name: str, members: Sequence[str], *, root: str | os.Path
     previous = ((yaml.safe_load((root / "manifest.yaml").read_text()) or {}).get("entries") or {}).get(name)
     entry: dict[str, Any] = {"kind": "ensemble", "description": description, "members": list(members),
                              "overrides": dict(overrides or {}),
-                             "card": {**dict(card or {}), **({"held_out": held} if held else {})}}
+                             "card": dict(card or {})}
+    if held is not None:  # scores beside the command / note the card already has
+        entry["card"]["held_out"] = {**dict(entry["card"].get("held_out") or {}), **held}
     _write_manifest(root, name, entry)
     try:
         ref = score_records(get_config(name, root=root), get(name, root=root), records)
