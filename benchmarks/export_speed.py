@@ -10,11 +10,11 @@ Reported per method and runtime: seconds per tile (whole inference: tiling, netw
 in the networks alone (``run_network``), both as a speed-up over eager measured in the same run, and AJI with its
 difference from eager's.
 
-Methods: ``two_stage_unet-monuseg`` (the shipped, trained zoo entry) and, untrained (random weights: their speed is
-real, their AJI is not), the NB U-Net and BRP-Net CPU configs at the same input size. An untrained BRP-Net's TAFE
-proposes little, so its refinement networks run on few patches: its numbers are mostly TAFE's. The R-CNN methods'
-row is the shipped, trained ``maskrcnn_plus-monuseg`` (its one "rcnn" network: backbone to masks); an untrained
-R-CNN's detection count, and so its cost, means nothing.
+Methods: the shipped, trained zoo entries ``two_stage_unet-monuseg`` and ``nb_unet_hv-monuseg`` (the NB U-Net)
+and, untrained (random weights: its speed is real, its AJI is not), the BRP-Net CPU config at the same input size.
+An untrained BRP-Net's TAFE proposes little, so its refinement networks run on few patches: its numbers are mostly
+TAFE's. The R-CNN methods' row is the shipped, trained ``maskrcnn_plus-monuseg`` (its one "rcnn" network: backbone
+to masks); an untrained R-CNN's detection count, and so its cost, means nothing.
 
     NUCLEI_D2_DATASETS=/work/d2data python benchmarks/export_speed.py --threads 1 --tiles 2 --csv speed.csv
     python benchmarks/export_speed.py --methods two_stage_unet-monuseg --tiles 1        # a smoke run
@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has i
 #: name -> (zoo entry or config file, overrides). Zoo entries load their trained weights; configs run untrained.
 METHODS = {
     "two_stage_unet-monuseg": ("zoo", []),
-    "nb_unet-cpu": ("configs/nb_unet-cpu.yaml", []),
+    "nb_unet_hv-monuseg": ("zoo", []),
     "brpnet_stage2-cpu": ("configs/brpnet_stage2-cpu.yaml", []),
     "maskrcnn_plus-monuseg": ("zoo", []),  # the R-CNN methods' row (issue 27: "report their ratio too")
 }

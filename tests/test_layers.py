@@ -21,6 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("stain",),
     ("data",),
     ("modeling",),
+    ("export",),
     ("evaluation",),
     ("inference",),
     ("model_zoo",),

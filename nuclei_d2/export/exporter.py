@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model_zoo.manifest import file_sha256
 from ..modeling.networks import NetworkIO, NotExportableError, network_io
+from ..utils.io import file_sha256
 from .sidecar import FORMATS, ExportError
 
 __all__ = ["ONNX_OPSET", "exportable_networks", "export_network", "export_networks"]

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..model_zoo.manifest import file_sha256
-from ..utils.io import read_json, write_json_atomic
+from ..utils.io import file_sha256, read_json, write_json_atomic
 
 __all__ = ["FORMATS", "FORMAT_VERSION", "METHODS", "SIDECAR", "ExportError", "build_sidecar", "read_sidecar",
            "write_sidecar"]

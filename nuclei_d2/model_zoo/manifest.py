@@ -23,7 +23,6 @@ altered or truncated file is one line naming it, not a model that silently predi
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from ..utils.io import file_sha256
 
 __all__ = ["ZOO_ENV", "ZOO_PREFIX", "ZooEntry", "file_sha256", "flagship", "get_entry", "load_manifest",
            "resolve_zoo_config", "verify_entry", "zoo_dir"]
@@ -47,15 +47,6 @@ def zoo_dir() -> Path:
     """The zoo in use: ``$NUCLEI_D2_MODEL_ZOO`` if set, else the shipped one."""
     env = os.environ.get(ZOO_ENV, "")
     return Path(env).expanduser().resolve() if env else PACKAGE_ZOO
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

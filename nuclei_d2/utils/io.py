@@ -7,6 +7,7 @@ file and what is wrong with it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "file_sha256",
     "ImageReadError",
     "atomic_write",
     "IMAGE_SUFFIXES",
@@ -171,6 +173,15 @@ def read_label_map(path: str | os.PathLike, shape: tuple[int, int] | None = None
         raise ImageReadError(f"{path}: label map is {raw.shape[0]}x{raw.shape[1]} but its image is "
                              f"{shape[0]}x{shape[1]}")
     return raw.astype(np.int32)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (zoo entries, export sidecars)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file", error: type[Exception] = ValueError,
