@@ -2,8 +2,8 @@
 one U-Net of the zoo entries' shape with ReLU (the two-stage U-Net's activation) and SELU (the NB U-Net's).
 
 Random weights (speed only), one batch of ``--batch`` x 3 x ``--size`` x ``--size`` patches, ``--threads`` threads
-for both runtimes, the runtimes taking turns, minimum over ``--repeats`` runs. docs/export.md ("Speed") has the
-numbers and what they explain.
+for both runtimes, one runtime after the other, minimum over ``--repeats`` runs of each. docs/export.md ("Speed")
+has the numbers and what they explain.
 
     python benchmarks/export_activation.py --threads 1
 """
@@ -11,6 +11,7 @@ numbers and what they explain.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -63,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             feed = {"x": x.numpy()}
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            net_cl = UNet(in_channels=3, out_channels=1, depth=4, base_channels=16, activation=act,
-                          pad_mode="reflect", upsample="transpose").eval()
-            net_cl.load_state_dict(net.state_dict())
-            net_cl = net_cl.to(memory_format=torch.channels_last)
+            net_cl = copy.deepcopy(net).to(memory_format=torch.channels_last)
             with torch.inference_mode():
                 t_cont = _time(net, x, args.repeats)
                 t_cl = _time(net_cl, x_cl, args.repeats)

@@ -22,7 +22,8 @@ from ..errors import ConfigError
 from ..export.exporter import export_networks, exportable_networks
 from ..export.runtime import install_runtime
 from ..export.sidecar import FORMATS, SIDECAR, ExportError, build_sidecar, read_sidecar, write_sidecar
-from ..model_zoo.manifest import ZOO_PREFIX, file_sha256
+from ..model_zoo.manifest import ZOO_PREFIX
+from ..utils.io import file_sha256
 from .defaults import RANDOM_INIT_OPTS, setup_cfg
 
 __all__ = ["EXPORTED_CONFIG", "export_from_config", "export_model", "exported_config", "install_runtime"]

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..model_zoo.manifest import file_sha256, get_entry, load_manifest, zoo_dir
-from ..utils.io import atomic_write
+from ..model_zoo.manifest import get_entry, load_manifest, zoo_dir
+from ..utils.io import atomic_write, file_sha256
 
 __all__ = ["add_ensemble_entry", "dataset_records", "half_state", "held_out_scores", "pack_model_entry",
            "score_records"]
