@@ -221,9 +221,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
     tmp_path = Path(tmp)
-    try:
+    try:  # from the file's creation on: a signal (KeyboardInterrupt, SystemExit) must not leave it behind
+        os.close(fd)
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
