@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import tempfile
+
 import numpy as np
 import pytest
 import tifffile
@@ -72,6 +76,34 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(target, failing)
     assert target.read_text() == '{"ok": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX only")
+def test_atomic_write_a_signal_as_the_temp_file_is_created_leaves_nothing_behind(tmp_path, monkeypatch):
+    # SIGTERM arrives the instant mkstemp has created the file: its handler (raising SystemExit, as a CLI's does)
+    # must run only once the cleanup is in place, so neither a temporary file nor a changed target remains.
+    target = tmp_path / "out.json"
+    write_json_atomic(target, {"ok": 1})
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        created = real_mkstemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return created
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    try:
+        with pytest.raises(SystemExit):
+            write_json_atomic(target, {"ok": 2})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert target.read_text() == '{"ok": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask is restored
 
 
 def test_read_json_every_failure_is_one_line_naming_the_file(tmp_path):

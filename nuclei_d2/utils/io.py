@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -212,24 +213,50 @@ def _umask() -> int:
     return mask
 
 
+# Signals whose Python handlers may raise (KeyboardInterrupt, SystemExit from a SIGTERM handler): held back while
+# atomic_write creates its temporary file, so a handler never runs between its creation and the cleanup's try.
+_DEFERRED_SIGNALS = frozenset(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _hold_signals() -> set | None:
+    """Block :data:`_DEFERRED_SIGNALS` for this thread; the previous mask, or None where masks do not exist."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+
+
+def _release_signals(old_mask: set | None) -> None:
+    if old_mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp_path)`` and move the result onto ``path`` only if it succeeded.
 
     The temporary file sits in the same folder (so the rename is atomic) and keeps ``path``'s suffix (so writers
-    that choose a format by extension still work). A failed or interrupted write leaves ``path`` untouched.
+    that choose a format by extension still work). A failed or interrupted write leaves ``path`` untouched and no
+    temporary file behind: interrupt signals are held back while the file is created, and delivered (their handlers
+    run) only once its cleanup is in place.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    tmp_path = Path(tmp)
-    try:  # from the file's creation on: a signal (KeyboardInterrupt, SystemExit) must not leave it behind
+    tmp_path: Path | None = None
+    old_mask = _hold_signals()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+        tmp_path = Path(tmp)
+        _release_signals(old_mask)  # a signal that came meanwhile is handled from here on, inside the try
+        old_mask = None
         os.close(fd)
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        _release_signals(old_mask)
     return path
 
 
