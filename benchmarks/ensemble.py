@@ -450,7 +450,7 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
     """An ensemble as build_test_time_wrapper builds it with the first member's config as the main one, except that
     the inputs carry every channel a member needs (so any member may come first)."""
     from nuclei_d2.config import RGB, input_channel_names
-    from nuclei_d2.inference.ensemble import EnsembleMember
+    from nuclei_d2.inference.ensemble import EnsembleMember, inference_resolution
     from nuclei_d2.inference.tta import parse_tta_transforms
 
     first = members[0]
@@ -462,13 +462,18 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
     mapper_cfg = cfg.clone()
     mapper_cfg.defrost()
     mapper_cfg.INPUT.EXTRA_CHANNELS = extra
+    resolutions = {inference_resolution(m.cfg) for m in members}
+    if len(resolutions) > 1:  # members at different magnifications: each resizes the original tile itself
+        mapper_cfg.INPUT.MIN_SIZE_TEST = 0
     mapper_cfg.freeze()
     inputs = input_channel_names(mapper_cfg)
     wrapped = []
     for m in members:
         own = input_channel_names(m.cfg)
         channels = None if own == inputs else [inputs.index(n) for n in own]
-        wrapped.append(EnsembleMember(m.model, channels, m.name))
+        own_res = inference_resolution(m.cfg)
+        resize = own_res if own_res != inference_resolution(mapper_cfg) and own_res[0] else None
+        wrapped.append(EnsembleMember(m.model, channels, m.name, resize=resize))
     aug = cfg.TEST.AUG
     transforms = (parse_tta_transforms(list(aug.TRANSFORMS), float(aug.HUE_DELTA)) if aug.ENABLED
                   else parse_tta_transforms(["identity"]))
@@ -480,7 +485,7 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
         w = cached_wrapper_class()(wrapped, transforms, iou_threshold=iou, min_votes=min_votes,
                                    mask_threshold=mm.MASK_THRESHOLD, soft_masks=mm.SOFT_MASKS, extra_channels=extra,
                                    input_format=cfg.INPUT.FORMAT, merge=merge, cache=cache,
-                                   names=[m.name for m in members], view=first.view)
+                                   names=[m.name for m in members], view=input_view(mapper_cfg))
     except ValueError as e:
         raise ValueError(f"ensemble {label}: {e}") from None
     command = ""

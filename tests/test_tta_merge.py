@@ -394,3 +394,70 @@ def test_brpnet_segment_probs_refines_only_with_the_image(monkeypatch):
     assert label.max() == 1 and not calls  # proposals only
     label, _ = model.segment_probs(probs, torch.zeros(3, 40, 64))
     assert calls == [(3, 40, 64)] and label.max() == 0  # the refinement's answer is returned
+
+
+# ---- ensemble members at their own magnification -----------------------------------------------------------------
+
+
+def _mapped(cfg):
+    from detectron2.data import DatasetCatalog
+
+    from nuclei_d2.data.mapper import NucleiDatasetMapper
+
+    return NucleiDatasetMapper(cfg, is_train=False)(DatasetCatalog.get("nuclei_synth_test")[0])
+
+
+def test_rescale_input_makes_the_image_a_members_own_mapper_makes():
+    # Mask R-CNN+ tiny (RGB + haematoxylin + distance) with INPUT.MIN_SIZE_TEST 192: its mapper upsamples the 128 px
+    # synthetic tile 1.5x. rescale_input from the original-size input must give that very tensor (RGB by the same
+    # transform, haematoxylin recomputed from the resized RGB, not interpolated).
+    from conftest import tiny_cfg
+
+    from nuclei_d2.inference.tta import rescale_input
+
+    synth = ("DATASETS.SYNTHETIC.IMAGE_SIZE", "128")
+    native = _mapped(tiny_cfg("maskrcnn_plus-tiny.yaml", *synth, "INPUT.MIN_SIZE_TEST", "0"))
+    own = _mapped(tiny_cfg("maskrcnn_plus-tiny.yaml", *synth, "INPUT.MIN_SIZE_TEST", "192"))
+    assert tuple(native["image"].shape) == (5, 128, 128) and tuple(own["image"].shape) == (5, 192, 192)
+    out = rescale_input(native, (192, 192), ["hematoxylin", "distance"])
+    assert (out["height"], out["width"]) == (128, 128)  # predictions still come back at the tile's size
+    assert torch.equal(out["image"], own["image"])
+    assert rescale_input(native, (128, 128), ["hematoxylin", "distance"]) is native
+
+
+def test_an_ensemble_member_trained_at_another_magnification_predicts_at_its_own(tmp_path):
+    # Two NB U-Nets with the same random weights, one configured at 1.5x (INPUT.MIN_SIZE_TEST 192): as the second
+    # member of an ensemble evaluated at the tiles' own size, the 1.5x one predicts exactly what it predicts alone
+    # from its own mapper's input -- and not what it would predict from the unresized tile.
+    from conftest import tiny_cfg
+
+    from nuclei_d2.inference.test_time import build_test_time_wrapper
+    from nuclei_d2.modeling import build_nuclei_model
+
+    synth = ("DATASETS.SYNTHETIC.IMAGE_SIZE", "128")
+    main_cfg = tiny_cfg("nb_unet-tiny.yaml", *synth)
+    up_cfg = tiny_cfg("nb_unet-tiny.yaml", *synth, "INPUT.MIN_SIZE_TEST", "192", "INPUT.MAX_SIZE_TEST", "1000")
+    torch.manual_seed(0)
+    model = build_nuclei_model(main_cfg).eval()
+    weights = tmp_path / "nb.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    (tmp_path / "up.yaml").write_text(up_cfg.dump())
+    cfg = main_cfg.clone()
+    cfg.defrost()
+    cfg.TEST.ENSEMBLE.WEIGHTS = [str(weights)]
+    cfg.TEST.ENSEMBLE.CONFIGS = [str(tmp_path / "up.yaml")]
+    cfg.TEST.MERGE.MODE = "instances"
+    wrapper = build_test_time_wrapper(cfg, model)
+    assert wrapper.members[0].resize is None and wrapper.members[1].resize == (192, 1000)
+
+    native, own = _mapped(main_cfg), _mapped(up_cfg)
+    identity = wrapper.transforms[0]
+    with torch.no_grad():
+        in_ensemble = wrapper.member_map(1, identity, native)
+        alone = model.predict_probs(own["image"])
+        at_tile_size = model.predict_probs(native["image"])
+    alone = torch.nn.functional.interpolate(alone[None], size=(128, 128), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(in_ensemble, alone, atol=1e-6)
+    assert not torch.allclose(in_ensemble, at_tile_size, atol=1e-3)
+    nuclei = wrapper.member_copy(1, identity, native)
+    assert nuclei.image_size == (128, 128)

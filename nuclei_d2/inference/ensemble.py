@@ -3,7 +3,9 @@
 Mask R-CNN+ (Bancher et al., MICCAI COMPAY 2021) combines models trained on different folds; their nuclei are merged
 at the instance level like test-time copies (:mod:`nuclei_d2.inference.merge`). This module builds the members from
 weights files (``TEST.ENSEMBLE.WEIGHTS``, optionally with their own config files ``TEST.ENSEMBLE.CONFIGS``) and gives
-each one the input channels it was trained with, so an RGB-only model and a five-channel model can vote together.
+each one the input channels it was trained with, so an RGB-only model and a five-channel model can vote together,
+and the resolution it predicts at (its own ``INPUT.MIN_SIZE_TEST``), so a model trained on upscaled tiles can vote
+with one trained at the scanner's resolution.
 """
 
 from __future__ import annotations
@@ -16,17 +18,36 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["EnsembleMember", "load_ensemble_members", "select_channels"]
+__all__ = ["EnsembleMember", "load_ensemble_members", "select_channels", "inference_resolution"]
 
 logger = logging.getLogger(__name__)
 
 @dataclass
 class EnsembleMember:
-    """A model and the indices of the input channels it takes (None: all of them, in order)."""
+    """A model, the indices of the input channels it takes (None: all of them, in order) and the resolution it
+    predicts at: ``resize`` is its own ``(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)`` when that differs from the
+    evaluated inputs' (0 = the image's original size), None to take the inputs as they come."""
 
     model: nn.Module
     channels: list[int] | None = None
     name: str = "model"
+    resize: tuple[int, int] | None = None
+
+    def input_size(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
+        """The image size this member predicts at, for an input of original ``height x width`` mapped to ``size``."""
+        if self.resize is None:
+            return size
+        min_size, max_size = self.resize
+        if not min_size:
+            return int(height), int(width)
+        from detectron2.data.transforms import ResizeShortestEdge
+
+        return ResizeShortestEdge.get_output_shape(int(height), int(width), int(min_size), int(max_size))
+
+
+def inference_resolution(cfg: Any) -> tuple[int, int]:
+    """``(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)`` of a config: the resolution its model predicts at."""
+    return int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)
 
 
 def select_channels(inp: dict[str, Any], channels: Sequence[int] | None) -> dict[str, Any]:
@@ -103,6 +124,9 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         NucleiCheckpointer.from_config(model, cfg, config_file=cfile).load(path)
         model.eval()
         channels = _channel_map(input_channel_names(mcfg), input_names, f"TEST.ENSEMBLE member {path!r}")
-        members.append(EnsembleMember(model, channels, name=os.path.basename(path)))
-        logger.info("Ensemble member %d: %s (%s)", i + 1, path, type(model).__name__)
+        own = inference_resolution(mcfg)
+        resize = own if own != inference_resolution(cfg) else None
+        members.append(EnsembleMember(model, channels, name=os.path.basename(path), resize=resize))
+        logger.info("Ensemble member %d: %s (%s%s)", i + 1, path, type(model).__name__,
+                    f", at its own INPUT.MIN_SIZE_TEST {own[0]}" if resize else "")
     return members

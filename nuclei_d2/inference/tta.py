@@ -32,7 +32,7 @@ from fvcore.transforms.transform import HFlipTransform, Transform, VFlipTransfor
 from ..data.augment import HueTransform, Rot90Transform
 from ..structures import CropMasks
 
-__all__ = ["GT_KEYS", "TTATransform", "parse_tta_transforms", "tta_input"]
+__all__ = ["GT_KEYS", "TTATransform", "parse_tta_transforms", "rescale_input", "tta_input"]
 
 #: Input keys that hold ground truth in the original frame; a transformed copy drops them.
 GT_KEYS = ("instances", "label_map", "targets", "sem_seg", "annotations")
@@ -234,4 +234,44 @@ def tta_input(inp: dict[str, Any], t: TTATransform, extra_channels: Sequence[str
         arr[:, :, :3] = arr[:, :, 2::-1].copy()
     out["image"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(image.dtype)
     out["height"], out["width"] = t.output_size(height, width)
+    return out
+
+
+def rescale_input(inp: dict[str, Any], size: tuple[int, int], extra_channels: Sequence[str] = (),
+                  input_format: str = "RGB") -> dict[str, Any]:
+    """A copy of a mapped input dict whose ``image`` is resized to ``size`` (``height``/``width`` kept: predictions
+    still come back at the original size); ``inp`` itself when its image already has that size.
+
+    An ensemble member trained at another magnification than the evaluated inputs' (its own ``INPUT.MIN_SIZE_TEST``)
+    sees the image as its own mapper would have made it: RGB resized with the mapper's transform
+    (:class:`~nuclei_d2.data.augment.RescaleTransform`, bilinear, on the 0-255 values), a ``hematoxylin`` channel
+    recomputed from the resized RGB, any other channel resized like RGB.
+    """
+    from ..data.augment import RescaleTransform
+
+    image = inp["image"]
+    c, h, w = image.shape
+    new_h, new_w = int(size[0]), int(size[1])
+    if (new_h, new_w) == (h, w):
+        return inp
+    t = RescaleTransform(h, w, new_h, new_w, "linear")
+    arr = image.detach().cpu().numpy().transpose(1, 2, 0)
+    rgb = arr[:, :, :3]
+    if np.array_equal(rgb, np.rint(rgb)) and rgb.min() >= 0 and rgb.max() <= 255:
+        rgb = rgb.astype(np.uint8)  # the mapper resizes the uint8 image: the same rounding
+    out_rgb = t.apply_image(np.ascontiguousarray(rgb)).astype(np.float32)
+    rest = t.apply_image(np.ascontiguousarray(arr[:, :, 3:].astype(np.float32))) if c > 3 else None
+    channels = [out_rgb] + ([rest.reshape(new_h, new_w, -1)] if rest is not None else [])
+    resized = np.concatenate(channels, axis=2)
+    if "hematoxylin" in extra_channels:
+        from ..stain import hematoxylin_channel
+
+        k = 3 + list(extra_channels).index("hematoxylin")
+        if k < c:
+            u8 = np.clip(np.rint(out_rgb), 0, 255).astype(np.uint8)
+            if input_format == "BGR":
+                u8 = np.ascontiguousarray(u8[:, :, ::-1])
+            resized[:, :, k] = hematoxylin_channel(np.ascontiguousarray(u8)) * 255.0
+    out = dict(inp)
+    out["image"] = torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))).to(image.dtype)
     return out
