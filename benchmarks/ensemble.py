@@ -210,14 +210,14 @@ _TRAINING_INPUT_KEYS = ("CROP", "MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN", "MIN_SIZE_TR
 def input_view(cfg: Any) -> str:
     """What the inference mapper of ``cfg`` does to an image, as text: two members with the same view get the same
     RGB (and the same extra channels by name), so their predictions can be shared between rows. Conservative: every
-    INPUT key not known to be training-only counts (of INPUT.NUCLEI only the stain normalisation)."""
+    INPUT key not known to be training-only counts (of INPUT.NUCLEI the stain normalisation and the magnification)."""
     node = cfg.INPUT.clone()
     node.defrost()
     for k in _TRAINING_INPUT_KEYS:
         node.pop(k, None)
     if "NUCLEI" in node:
         for k in list(node.NUCLEI):
-            if not k.startswith("STAIN"):
+            if not k.startswith("STAIN") and k != "SCALE":
                 node.NUCLEI.pop(k)
     return node.dump()
 
@@ -465,6 +465,7 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
     resolutions = {inference_resolution(m.cfg) for m in members}
     if len(resolutions) > 1:  # members at different magnifications: each resizes the original tile itself
         mapper_cfg.INPUT.MIN_SIZE_TEST = 0
+        mapper_cfg.INPUT.NUCLEI.SCALE = 1.0
     mapper_cfg.freeze()
     inputs = input_channel_names(mapper_cfg)
     wrapped = []
@@ -472,7 +473,7 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
         own = input_channel_names(m.cfg)
         channels = None if own == inputs else [inputs.index(n) for n in own]
         own_res = inference_resolution(m.cfg)
-        resize = own_res if own_res != inference_resolution(mapper_cfg) and own_res[0] else None
+        resize = own_res if own_res != inference_resolution(mapper_cfg) else None
         wrapped.append(EnsembleMember(m.model, channels, m.name, resize=resize))
     aug = cfg.TEST.AUG
     transforms = (parse_tta_transforms(list(aug.TRANSFORMS), float(aug.HUE_DELTA)) if aug.ENABLED

@@ -6,6 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import REPO
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.utils.env import seed_all_rng
@@ -323,3 +324,35 @@ def test_config_errors(tmp_path):
     cfg.INPUT.NUCLEI.STAIN_REFERENCE = str(tmp_path / "missing.png")
     with pytest.raises(FileNotFoundError, match="missing.png"):
         build_nuclei_augmentation(cfg, False)
+
+
+def test_fixed_magnification_resizes_before_the_crop_and_at_inference():
+    # INPUT.NUCLEI.SCALE 1.5: at inference the 128 px synthetic tile reaches the model at 192 px while its predictions
+    # are asked at 128 (height / width); in training the whole image is magnified before the 64 px crop, so the
+    # nuclei in a crop are 1.5x as wide as without it.
+    from conftest import tiny_cfg
+    from detectron2.data import DatasetCatalog
+
+    from nuclei_d2.data.mapper import NucleiDatasetMapper
+    from nuclei_d2.engine import setup_cfg
+    from nuclei_d2.engine.defaults import ConfigError
+
+    synth = ("DATASETS.SYNTHETIC.IMAGE_SIZE", "128")
+    cfg = tiny_cfg("nb_unet-tiny.yaml", *synth, "INPUT.NUCLEI.SCALE", "1.5")
+    record = DatasetCatalog.get("nuclei_synth_test")[0]
+    out = NucleiDatasetMapper(cfg, is_train=False)(dict(record))
+    assert tuple(out["image"].shape[-2:]) == (192, 192) and (out["height"], out["width"]) == (128, 128)
+    augs = build_nuclei_augmentation(cfg, True)
+    assert type(augs[0]).__name__ == "RandomRescale" and augs[0].scale_range == (1.5, 1.5) and augs[0].prob == 1.0
+
+    def mean_area(scale: str) -> float:
+        c = tiny_cfg("nb_unet-tiny.yaml", *synth, "INPUT.NUCLEI.SCALE", scale, "INPUT.NUCLEI.CROP_SIZE", "0")
+        sample = NucleiDatasetMapper(c, is_train=True)(dict(DatasetCatalog.get("nuclei_synth_train")[0]))
+        labels = sample["label_map"].numpy()
+        assert labels.shape == sample["image"].shape[-2:]
+        ids, areas = np.unique(labels[labels > 0], return_counts=True)
+        return float(areas.mean())
+
+    assert mean_area("1.5") / mean_area("1.0") == pytest.approx(2.25, rel=0.1)
+    with pytest.raises(ConfigError, match=r"^INPUT.NUCLEI.SCALE must be > 0 .*got 0.0$"):
+        setup_cfg(str(REPO / "configs" / "nb_unet-tiny.yaml"), ["INPUT.NUCLEI.SCALE", "0"])

@@ -425,18 +425,20 @@ def test_rescale_input_makes_the_image_a_members_own_mapper_makes():
     assert rescale_input(native, (128, 128), ["hematoxylin", "distance"]) is native
 
 
-def test_an_ensemble_member_trained_at_another_magnification_predicts_at_its_own(tmp_path):
-    # Two NB U-Nets with the same random weights, one configured at 1.5x (INPUT.MIN_SIZE_TEST 192): as the second
-    # member of an ensemble evaluated at the tiles' own size, the 1.5x one predicts exactly what it predicts alone
-    # from its own mapper's input -- and not what it would predict from the unresized tile.
+@pytest.mark.parametrize("resolution", [("INPUT.NUCLEI.SCALE", "1.5"), ("INPUT.MIN_SIZE_TEST", "192")])
+def test_an_ensemble_member_trained_at_another_magnification_predicts_at_its_own(tmp_path, resolution):
+    # Two NB U-Nets with the same random weights, one configured at 1.5x (a magnification or a shortest edge of 192
+    # px): as the second member of an ensemble evaluated at the tiles' own size, the 1.5x one predicts exactly what
+    # it predicts alone from its own mapper's input -- and not what it would predict from the unresized tile.
     from conftest import tiny_cfg
 
+    from nuclei_d2.inference.ensemble import inference_resolution
     from nuclei_d2.inference.test_time import build_test_time_wrapper
     from nuclei_d2.modeling import build_nuclei_model
 
     synth = ("DATASETS.SYNTHETIC.IMAGE_SIZE", "128")
     main_cfg = tiny_cfg("nb_unet-tiny.yaml", *synth)
-    up_cfg = tiny_cfg("nb_unet-tiny.yaml", *synth, "INPUT.MIN_SIZE_TEST", "192", "INPUT.MAX_SIZE_TEST", "1000")
+    up_cfg = tiny_cfg("nb_unet-tiny.yaml", *synth, *resolution)
     torch.manual_seed(0)
     model = build_nuclei_model(main_cfg).eval()
     weights = tmp_path / "nb.pth"
@@ -448,7 +450,7 @@ def test_an_ensemble_member_trained_at_another_magnification_predicts_at_its_own
     cfg.TEST.ENSEMBLE.CONFIGS = [str(tmp_path / "up.yaml")]
     cfg.TEST.MERGE.MODE = "instances"
     wrapper = build_test_time_wrapper(cfg, model)
-    assert wrapper.members[0].resize is None and wrapper.members[1].resize == (192, 1000)
+    assert wrapper.members[0].resize is None and wrapper.members[1].resize == inference_resolution(up_cfg)
 
     native, own = _mapped(main_cfg), _mapped(up_cfg)
     identity = wrapper.transforms[0]

@@ -600,10 +600,11 @@ def build_nuclei_augmentation(cfg, is_train: bool) -> list[T.Augmentation | Tran
 
     Order: at inference only, the test-time shift ``INPUT.TEST_SHIFT`` (:mod:`nuclei_d2.data.shifts`, robustness
     measurements); stain normalisation (train and test, on the whole image so the stain estimate sees the most tissue);
-    then, in training only: Detectron2's crop (``INPUT.CROP``), shortest-edge resize (``INPUT.MIN_SIZE_TRAIN``,
-    ``(0,)`` = keep resolution), rescale jitter, nucleus-aware crop (``INPUT.NUCLEI.CROP_SIZE``), flips, 90-degree
-    rotations, elastic deformation, and the colour augmentations (HED, hue, brightness/contrast, blur, noise). At
-    inference only the stain normalisation and ``INPUT.MIN_SIZE_TEST`` (0 = keep resolution) apply.
+    the fixed magnification ``INPUT.NUCLEI.SCALE`` (train and test); then, in training only: Detectron2's crop
+    (``INPUT.CROP``), shortest-edge resize (``INPUT.MIN_SIZE_TRAIN``, ``(0,)`` = keep resolution), rescale jitter,
+    nucleus-aware crop (``INPUT.NUCLEI.CROP_SIZE``), flips, 90-degree rotations, elastic deformation, and the colour
+    augmentations (HED, hue, brightness/contrast, blur, noise). At inference only the stain normalisation, the
+    magnification and ``INPUT.MIN_SIZE_TEST`` (0 = keep resolution) apply.
     """
     n = cfg.INPUT.NUCLEI
     augs: list[T.Augmentation | Transform] = []
@@ -614,6 +615,11 @@ def build_nuclei_augmentation(cfg, is_train: bool) -> list[T.Augmentation | Tran
     normalizer = build_stain_normalizer(cfg)
     if normalizer is not None:
         augs.append(StainNormalization(normalizer))
+    scale = float(n.SCALE)
+    if scale <= 0:
+        raise ValueError(f"INPUT.NUCLEI.SCALE must be > 0 (a magnification factor, 1 = as scanned), got {n.SCALE}")
+    if scale != 1.0:
+        augs.append(RandomRescale((scale, scale), prob=1.0))  # the fixed magnification, at training and inference
     if not is_train:
         if cfg.INPUT.MIN_SIZE_TEST:
             augs.append(NucleiResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice"))

@@ -317,6 +317,9 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
         cfg.merge_from_list([*RANDOM_INIT_OPTS, "MODEL.BRPNET.DENSENET_WEIGHTS", ""])
     # INPUT.TARGETS lists extras; the targets the model trains on follow from it (no hand-kept list in YAML)
     cfg.INPUT.TARGETS = list(dict.fromkeys([*required_targets_of(cfg), *cfg.INPUT.TARGETS]))
+    if not float(cfg.INPUT.NUCLEI.SCALE) > 0:
+        raise ConfigError(f"INPUT.NUCLEI.SCALE must be > 0 (a magnification factor, 1 = as scanned), got "
+                          f"{cfg.INPUT.NUCLEI.SCALE}")
     check_config_weights(cfg, config_file, resume=resume)
     if not eval_only:
         if cfg.MODEL.META_ARCHITECTURE in UNTRAINABLE_ARCHITECTURES:

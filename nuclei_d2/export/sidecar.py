@@ -107,6 +107,8 @@ def build_sidecar(model: Any, cfg: Any, fmt: str, networks: Mapping[str, Any], c
                           "listed for reference)") if inside else
                          "x = (pixel - pixel_mean[c]) / pixel_std[c] per channel c, pixels 0-255 as float32",
             "extra_channels": list(cfg.INPUT.EXTRA_CHANNELS),
+            # INPUT.NUCLEI.SCALE: resize the image by this factor first (bilinear), bring the label map back after
+            "scale": float(cfg.INPUT.NUCLEI.SCALE),
         },
         "tiling": tiling,
         "postprocess": {k: _config_value(cfg, k) for k in post_keys},

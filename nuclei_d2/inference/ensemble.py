@@ -4,8 +4,8 @@ Mask R-CNN+ (Bancher et al., MICCAI COMPAY 2021) combines models trained on diff
 at the instance level like test-time copies (:mod:`nuclei_d2.inference.merge`). This module builds the members from
 weights files (``TEST.ENSEMBLE.WEIGHTS``, optionally with their own config files ``TEST.ENSEMBLE.CONFIGS``) and gives
 each one the input channels it was trained with, so an RGB-only model and a five-channel model can vote together,
-and the resolution it predicts at (its own ``INPUT.MIN_SIZE_TEST``), so a model trained on upscaled tiles can vote
-with one trained at the scanner's resolution.
+and the resolution it predicts at (its own ``INPUT.NUCLEI.SCALE`` / ``INPUT.MIN_SIZE_TEST``), so a model trained on
+upscaled tiles can vote with one trained at the scanner's resolution.
 """
 
 from __future__ import annotations
@@ -18,36 +18,46 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["EnsembleMember", "load_ensemble_members", "select_channels", "inference_resolution"]
+__all__ = ["EnsembleMember", "inference_resolution", "load_ensemble_members", "resolution_size", "select_channels"]
 
 logger = logging.getLogger(__name__)
 
 @dataclass
 class EnsembleMember:
     """A model, the indices of the input channels it takes (None: all of them, in order) and the resolution it
-    predicts at: ``resize`` is its own ``(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)`` when that differs from the
-    evaluated inputs' (0 = the image's original size), None to take the inputs as they come."""
+    predicts at: ``resize`` is its own :func:`inference_resolution` when that differs from the evaluated inputs',
+    None to take the inputs as they come."""
 
     model: nn.Module
     channels: list[int] | None = None
     name: str = "model"
-    resize: tuple[int, int] | None = None
+    resize: tuple[int, int, float] | None = None
 
     def input_size(self, height: int, width: int, size: tuple[int, int]) -> tuple[int, int]:
         """The image size this member predicts at, for an input of original ``height x width`` mapped to ``size``."""
         if self.resize is None:
             return size
-        min_size, max_size = self.resize
-        if not min_size:
-            return int(height), int(width)
+        return resolution_size(self.resize, height, width)
+
+
+def inference_resolution(cfg: Any) -> tuple[int, int, float]:
+    """``(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST, INPUT.NUCLEI.SCALE)`` of a config: the resolution its model
+    predicts at."""
+    return int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST), float(cfg.INPUT.NUCLEI.SCALE)
+
+
+def resolution_size(resolution: tuple[int, int, float], height: int, width: int) -> tuple[int, int]:
+    """The size the inference mapper of a config with this :func:`inference_resolution` gives a ``height x width``
+    image: the magnification first, then the shortest-edge resize (0 = none), as in ``build_nuclei_augmentation``."""
+    min_size, max_size, scale = resolution
+    h, w = int(height), int(width)
+    if scale != 1.0:
+        h, w = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    if min_size:
         from detectron2.data.transforms import ResizeShortestEdge
 
-        return ResizeShortestEdge.get_output_shape(int(height), int(width), int(min_size), int(max_size))
-
-
-def inference_resolution(cfg: Any) -> tuple[int, int]:
-    """``(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)`` of a config: the resolution its model predicts at."""
-    return int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)
+        h, w = ResizeShortestEdge.get_output_shape(h, w, int(min_size), int(max_size))
+    return h, w
 
 
 def select_channels(inp: dict[str, Any], channels: Sequence[int] | None) -> dict[str, Any]:
@@ -128,5 +138,5 @@ def load_ensemble_members(cfg: Any, weights: Sequence[str], configs: Sequence[st
         resize = own if own != inference_resolution(cfg) else None
         members.append(EnsembleMember(model, channels, name=os.path.basename(path), resize=resize))
         logger.info("Ensemble member %d: %s (%s%s)", i + 1, path, type(model).__name__,
-                    f", at its own INPUT.MIN_SIZE_TEST {own[0]}" if resize else "")
+                    f", at its own resolution (MIN_SIZE_TEST, MAX_SIZE_TEST, SCALE) {own}" if resize else "")
     return members
