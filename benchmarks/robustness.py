@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
+    late = [o for o in args.opts[::2] if o.startswith("--")]
+    if late:
+        p.error(f"option {late[0]} after the config overrides: give the KEY VALUE overrides last")
     if len(args.opts) % 2:
         p.error(f"config overrides come in KEY VALUE pairs, got {len(args.opts)} words: {' '.join(args.opts)}")
     if "INPUT.TEST_SHIFT" in args.opts[::2]:

@@ -228,3 +228,15 @@ def test_robustness_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path,
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith(message) and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_robustness_benchmark_an_option_after_the_overrides_is_named(tmp_path, capsys):
+    # argparse hands everything after the first KEY to the overrides: an option there is a misplaced option,
+    # said so, not "unknown config key '--shifts'" after the model was built
+    with pytest.raises(SystemExit) as exc:
+        _benchmark().main(["--config-file", CLASSICAL, "--output-dir", str(tmp_path / "robust"), "TEST.AUG.ENABLED",
+                           "False", "--shifts", "blur:2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and err.endswith("option --shifts after the config overrides: give the KEY VALUE "
+                                                "overrides last")
+    assert not (tmp_path / "robust").exists()
