@@ -615,11 +615,8 @@ def build_nuclei_augmentation(cfg, is_train: bool) -> list[T.Augmentation | Tran
     normalizer = build_stain_normalizer(cfg)
     if normalizer is not None:
         augs.append(StainNormalization(normalizer))
-    scale = float(n.SCALE)
-    if scale <= 0:
-        raise ValueError(f"INPUT.NUCLEI.SCALE must be > 0 (a magnification factor, 1 = as scanned), got {n.SCALE}")
-    if scale != 1.0:
-        augs.append(RandomRescale((scale, scale), prob=1.0))  # the fixed magnification, at training and inference
+    if float(n.SCALE) != 1.0:  # the fixed magnification, at training and inference (setup_cfg checks it is > 0)
+        augs.append(RandomRescale((float(n.SCALE),) * 2, prob=1.0))
     if not is_train:
         if cfg.INPUT.MIN_SIZE_TEST:
             augs.append(NucleiResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice"))

@@ -151,8 +151,7 @@ class TestTimeWrapper(nn.Module):
             raise ValueError("TestTimeWrapper needs at least one model")
         wrapped = [m if isinstance(m, EnsembleMember) else EnsembleMember(m) for m in members]
         self.models = nn.ModuleList([m.model for m in wrapped])
-        self.channels = [m.channels for m in wrapped]
-        self.members = wrapped
+        self.members = wrapped  # channels and resolution per member; the models are registered in self.models
         self.transforms = list(transforms) if transforms else parse_tta_transforms(["identity"])
         self.iou_threshold = float(iou_threshold)
         self.min_votes = int(min_votes)
@@ -222,7 +221,7 @@ class TestTimeWrapper(nn.Module):
         h, w = copy["image"].shape[-2:]
         size = self.members[index].input_size(*self._output_size(copy), (int(h), int(w)))
         copy = rescale_input(copy, size, self.extra_channels, self.input_format)
-        return select_channels(copy, self.channels[index])
+        return select_channels(copy, self.members[index].channels)
 
     def member_copy(self, index: int, t: TTATransform, inp: dict[str, Any]) -> CropMasks:
         """Member ``index``'s nuclei on the copy ``t`` of ``inp``, in the original frame."""
@@ -292,7 +291,7 @@ class TestTimeWrapper(nn.Module):
 
     def output_image(self, inp: dict[str, Any], size: tuple[int, int]) -> torch.Tensor:
         """The first member's input channels of ``inp`` at ``size``, for its post-processing."""
-        return self.dense_model.output_image(select_channels(inp, self.channels[0]), size)
+        return self.dense_model.output_image(select_channels(inp, self.members[0].channels), size)
 
     def output_from_probs(self, probs: torch.Tensor, inp: dict[str, Any]) -> dict[str, Any]:
         """``inp``'s output from its averaged maps (:meth:`mean_probs`), post-processed by the first member."""
