@@ -2,13 +2,14 @@
 """Seconds per 1000 x 1000 tile (dense methods, Mask R-CNN+): eager PyTorch vs ONNX Runtime vs TorchScript.
 
 Issue 27's goal: ONNX Runtime at least 1.5x faster than eager per tile, same AJI. Each method is exported to both
-formats (tools/export_model.py's code), then every runtime runs the same model code on the same real Kumar test tiles
-(``kumar_test``: whole 1000 x 1000 images, through the dataset mapper as evaluation does), one after the other in
-this process with ``torch.set_num_threads(--threads)`` and ONNX Runtime's ``intra_op_num_threads`` equal to it, tile
-by tile with the runtimes taking turns (so a load that changes during the run weighs on all of them alike).
-Reported per method and runtime: seconds per tile (whole inference: tiling, networks, post-processing), the seconds
-in the networks alone (``run_network``), both as a speed-up over eager measured in the same run, and AJI with its
-difference from eager's.
+formats (tools/export_model.py's code), the dense methods also to int8 ONNX (``--quantize int8``, calibrated on
+``--calibration-images`` images of ``--calibration``, never the tiles timed), then every runtime runs the same model
+code on the same real Kumar test tiles (``kumar_test``: whole 1000 x 1000 images, through the dataset mapper as
+evaluation does), one after the other in this process with ``torch.set_num_threads(--threads)`` and ONNX Runtime's
+``intra_op_num_threads`` equal to it, tile by tile with the runtimes taking turns (so a load that changes during the
+run weighs on all of them alike). Reported per method and runtime: seconds per tile (whole inference: tiling,
+networks, post-processing), the seconds in the networks alone (``run_network``), both as a speed-up over eager
+measured in the same run, and AJI with its difference from eager's.
 
 Methods: the shipped, trained zoo entries ``two_stage_unet-monuseg`` and ``nb_unet_hv-monuseg`` (the NB U-Net)
 and, untrained (random weights: its speed is real, its AJI is not), the BRP-Net CPU config at the same input size.
@@ -43,7 +44,9 @@ METHODS = {
     "brpnet_stage2-cpu": ("configs/brpnet_stage2-cpu.yaml", []),
     "maskrcnn_plus-monuseg": ("zoo", []),  # the R-CNN methods' row (issue 27: "report their ratio too")
 }
-RUNTIMES = ("torch", "onnxruntime", "torchscript")
+#: runtime row -> (export folder kind, INFERENCE.RUNTIME); "torch" is the eager model itself.
+RUNTIMES = {"torch": ("", "torch"), "onnxruntime": ("onnx", "onnxruntime"),
+            "onnxruntime int8": ("onnx-int8", "onnxruntime"), "torchscript": ("torchscript", "torchscript")}
 
 
 def _eager(method: str, opts: list[str]) -> tuple[Any, Any]:
@@ -95,27 +98,36 @@ def _timed_networks(model: Any) -> dict[str, float]:
     return spent
 
 
-def run_method(method: str, records: list[dict], threads: int, work: Path, opts: list[str]) -> list[dict]:
+def run_method(method: str, records: list[dict], threads: int, work: Path, opts: list[str],
+               calibration: tuple[str, int] | None) -> list[dict]:
+    """``calibration``: (folder or dataset, image count) for the int8 row (None: no int8 row)."""
     import numpy as np
     import torch
 
-    from nuclei_d2.engine.export import export_model
+    from nuclei_d2.engine.export import calibration_images, export_model
     from nuclei_d2.engine.zoo_entry import score_records
     from nuclei_d2.inference.test_time import build_test_time_wrapper
 
     cfg, eager = _eager(method, opts)
+    kinds = ["onnx", "torchscript"]
+    if calibration is not None and not getattr(eager, "normalizes_inside", False):  # int8: the dense methods
+        kinds.append("onnx-int8")
     folders, export_s = {}, {}
-    for fmt in ("onnx", "torchscript"):
+    for kind in kinds:
         t0 = time.perf_counter()
-        folders[fmt] = export_model(eager, cfg, work / f"{method}-{fmt}", fmt, overwrite=True)
-        export_s[fmt] = time.perf_counter() - t0
+        fmt = kind.split("-")[0]
+        extra = ({"quantize": "int8", "calibration": calibration_images(cfg, *calibration)}
+                 if kind == "onnx-int8" else {})
+        folders[kind] = export_model(eager, cfg, work / f"{method}-{kind}", fmt, overwrite=True, **extra)
+        export_s[kind] = time.perf_counter() - t0
     runs = {}
-    for runtime in RUNTIMES:
+    for runtime, (kind, name) in RUNTIMES.items():
+        if kind and kind not in folders:
+            continue
         if runtime == "torch":
             rcfg, model = cfg, eager
         else:
-            rcfg, model = _with_runtime(folders["onnx" if runtime == "onnxruntime" else "torchscript"], runtime,
-                                        threads, opts)
+            rcfg, model = _with_runtime(folders[kind], name, threads, opts)
         spent = _timed_networks(model)
         with torch.no_grad():  # warm-up (sessions, allocator) on a small random image; not timed
             image = torch.rand(model.in_channels, 256, 256, generator=torch.Generator().manual_seed(0)) * 255
@@ -132,8 +144,7 @@ def run_method(method: str, records: list[dict], threads: int, work: Path, opts:
         rows.append({"method": method, "runtime": runtime, "threads": threads, "tiles": n,
                      "s_per_tile": float(np.mean([s["seconds"] for s in scores])),
                      "network_s_per_tile": spent["seconds"] / n, "AJI": float(np.mean([s["AJI"] for s in scores])),
-                     "export_s": export_s.get({"onnxruntime": "onnx", "torchscript": "torchscript"}.get(runtime, ""),
-                                              float("nan"))})
+                     "export_s": export_s.get(RUNTIMES[runtime][0], float("nan"))})
         print(f"  {method} {runtime}: {rows[-1]['s_per_tile']:.2f} s/tile ({rows[-1]['network_s_per_tile']:.2f} s "
               f"in the networks), AJI {rows[-1]['AJI']:.4f}", flush=True)
     base = rows[0]
@@ -150,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads = ONNX Runtime intra-op threads")
     p.add_argument("--tiles", type=int, default=2, help="kumar_test tiles (1000 x 1000) per method and runtime")
     p.add_argument("--dataset", default="kumar_test")
+    p.add_argument("--calibration", default="kumar_train",
+                   help="int8 rows: calibration images (a folder or a dataset; not the timed tiles)")
+    p.add_argument("--calibration-images", type=int, default=4, help="int8 rows: how many calibration images")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
     p.add_argument("--csv", default=None, help="also write the rows here")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nuclei_d2_export_speed"))
     p.add_argument("opts", nargs="*", default=[], help="KEY VALUE overrides for every method")
@@ -164,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in args.methods:
-        print(f"{method}: exporting and timing {len(records)} tile(s) x {len(RUNTIMES)} runtimes, "
+        print(f"{method}: exporting and timing {len(records)} tile(s) x up to {len(RUNTIMES)} runtimes, "
               f"{args.threads} thread(s)", flush=True)
         # no test-time augmentation (it multiplies every runtime's work alike; an untrained model's noise nuclei would
         # make its merging the cost): overrides after it can turn it back on
         rows += run_method(method, records, args.threads, work,
-                           ["MODEL.DEVICE", "cpu", "TEST.AUG.ENABLED", "False", *args.opts])
+                           ["MODEL.DEVICE", "cpu", "TEST.AUG.ENABLED", "False", *args.opts],
+                           None if args.no_int8 else (args.calibration, args.calibration_images))
     print(f"\nSeconds per {args.dataset} tile (1000 x 1000), {args.threads} thread(s); speed-up = eager / runtime "
           "in this run\n")
     print("| method | runtime | tiles | s / tile | speed-up | network s / tile | network speed-up | AJI | "

@@ -4,8 +4,9 @@
 folder through :func:`export_model`: the networks' files, ``config.yaml`` (the config with its weights keys emptied:
 the files are the weights) and ``export.json`` (:mod:`nuclei_d2.export.sidecar`). The folder is made under a temporary
 name beside ``output`` and renamed into place only when everything was written and read back: a failed export leaves
-nothing half-written. :func:`install_runtime` is :func:`nuclei_d2.export.runtime.install_runtime` (re-exported for
-the tools).
+nothing half-written. With ``quantize="int8"`` the ONNX files are quantised (:mod:`nuclei_d2.export.quantize`) on the
+network inputs :func:`calibration_inputs` records while the model segments real images. :func:`install_runtime` is
+:func:`nuclei_d2.export.runtime.install_runtime` (re-exported for the tools).
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..export.exporter import export_networks, exportable_networks
+from ..export.quantize import QUANTIZATIONS, quantize_onnx
 from ..export.runtime import install_runtime
 from ..export.sidecar import FORMATS, SIDECAR, ExportError, build_sidecar, read_sidecar, write_sidecar
 from ..model_zoo.manifest import ZOO_PREFIX
-from ..utils.io import file_sha256
+from ..utils.io import IMAGE_SUFFIXES, file_sha256, read_image_rgb
 from .defaults import RANDOM_INIT_OPTS, setup_cfg
 
-__all__ = ["EXPORTED_CONFIG", "export_from_config", "export_model", "exported_config", "install_runtime"]
+__all__ = ["EXPORTED_CONFIG", "calibration_images", "calibration_inputs", "export_from_config", "export_model",
+           "exported_config", "install_runtime"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,17 +61,93 @@ def _check_output(output: Path, overwrite: bool) -> None:
                               "only, so nothing else is deleted by mistake")
 
 
-def export_model(model: Any, cfg: Any, output: str | os.PathLike, fmt: str, *, overwrite: bool = False) -> Path:
+def calibration_images(cfg: Any, source: str | None, count: int) -> list[tuple[str, np.ndarray]]:
+    """Up to ``count`` (name, RGB image) pairs to calibrate int8 quantisation with: from ``source``, a folder of
+    images (sorted by name) or a registered dataset name, by default the config's first ``DATASETS.TRAIN``."""
+    if count < 1:
+        raise ConfigError(f"--calibration-images must be at least 1, got {count}")
+    if not source:
+        if not cfg.DATASETS.TRAIN:
+            raise ConfigError("int8 quantisation needs calibration images: give --calibration DIR (a folder of "
+                              "images like the ones the model will segment) or a dataset name; the config has no "
+                              "DATASETS.TRAIN to default to")
+        source = str(cfg.DATASETS.TRAIN[0])
+    folder = Path(source)
+    if folder.is_dir():
+        files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                       and not f.name.startswith("."))
+        if not files:
+            raise ConfigError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) to calibrate with")
+    else:
+        from detectron2.data import DatasetCatalog
+
+        if source not in DatasetCatalog.list():
+            raise ConfigError(f"calibration source {source!r} is neither a folder of images nor a registered dataset "
+                              "(NUCLEI_D2_DATASETS; docs/datasets.md)")
+        files = [Path(d["file_name"]) for d in DatasetCatalog.get(source)]
+    return [(f.name, read_image_rgb(f)) for f in files[:count]]
+
+
+def calibration_inputs(model: Any, cfg: Any, images: list[tuple[str, np.ndarray]], max_batches: int = 64
+                       ) -> dict[str, list[tuple[Any, ...]]]:
+    """The inputs each network of ``model`` receives while it segments ``images`` the way inference does (the test
+    mapper, the model's tiling and test-time augmentation): ``{name: [input tuple per call]}``, at most
+    ``max_batches`` calls kept per network (memory)."""
+    import torch
+
+    from ..data.mapper import NucleiDatasetMapper
+
+    modules = model.network_modules()
+    recorded: dict[str, list[tuple[Any, ...]]] = {name: [] for name in modules}
+
+    def recorder(name: str):
+        def run(*inputs):
+            if len(recorded[name]) < max_batches:
+                recorded[name].append(tuple(t.detach().to("cpu").float().clone() for t in inputs))
+            return modules[name](*inputs)
+        return run
+
+    mapper = NucleiDatasetMapper(cfg, is_train=False)
+    previous = model.runtime
+    model.set_runtime({name: recorder(name) for name in modules})
+    try:
+        with torch.no_grad():
+            for i, (name, image) in enumerate(images, 1):
+                logger.info("calibration image %d/%d: %s (%d x %d)", i, len(images), name, *image.shape[:2])
+                h, w = image.shape[:2]
+                model([mapper({"image": image, "height": h, "width": w})])
+    finally:
+        model.set_runtime(previous)
+    logger.info("recorded calibration inputs on %d image(s): %s", len(images),
+                ", ".join(f"{n} {len(v)} batch(es)" for n, v in recorded.items()))
+    return recorded
+
+
+def export_model(model: Any, cfg: Any, output: str | os.PathLike, fmt: str, *, overwrite: bool = False,
+                 quantize: str = "none", calibration: list[tuple[str, np.ndarray]] | None = None,
+                 calibrate_method: str = "minmax") -> Path:
     """Export ``model`` (built from ``cfg``, weights loaded) to the folder ``output`` in ``fmt`` ("onnx" or
     "torchscript"); returns the folder. Atomic: written under a temporary name beside ``output``, read back and checked
-    (:func:`read_sidecar`), then renamed into place.
+    (:func:`read_sidecar`), then renamed into place. ``quantize="int8"`` (ONNX only): each network quantised on the
+    inputs it receives while the model segments the ``calibration`` images (:func:`calibration_images`).
 
     Raises:
         ExportError: an unknown format, a method that cannot be exported (the message says why), a network whose
-            exported outputs differ from PyTorch's, an unusable ``output``.
+            exported outputs differ from PyTorch's, an unusable ``output``, a quantisation that cannot be made.
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {sorted(FORMATS)}")
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantisation {quantize!r}; use one of {list(QUANTIZATIONS)}")
+    if quantize != "none":
+        if fmt != "onnx":
+            raise ExportError(f"int8 quantisation is made for ONNX Runtime: use --format onnx, not {fmt}")
+        if getattr(model, "normalizes_inside", False):
+            raise ExportError(f"{type(model).__name__} cannot be quantised to int8: its 'rcnn' graph holds the "
+                              "detection post-processing (box decoding, NMS, RoIAlign), which is not quantised; "
+                              "export it in float32 (--quantize none)")
+        if not calibration:
+            raise ExportError("int8 quantisation needs calibration images (calibration_images(); --calibration)")
     output = Path(output)
     _check_output(output, overwrite)
     exportable_networks(model)  # a method that cannot be exported says so before any file is written
@@ -77,6 +158,21 @@ def export_model(model: Any, cfg: Any, output: str | os.PathLike, fmt: str, *, o
     try:
         model.eval()
         networks = export_networks(model, tmp, fmt)
+        if quantize == "int8":
+            samples = calibration_inputs(model, cfg, calibration)
+            nets = exportable_networks(model)
+            for name, spec in networks.items():
+                if not samples.get(name):  # e.g. BRP-Net's refinement nets when the images gave no proposal
+                    logger.warning("%s: the %d calibration image(s) never reached this network; it stays float32 "
+                                   "(calibrate on more or other images to quantise it)", name, len(calibration))
+                    spec["quantization"] = {"type": "none", "reason": "no calibration inputs reached it"}
+                    continue
+                names = [t["name"] for t in spec["inputs"]]
+                outs = [t["name"] for t in spec["outputs"]]
+                spec["quantization"] = quantize_onnx(tmp / spec["file"], nets[name], name, names, outs,
+                                                     samples[name], calibrate_method=calibrate_method)
+                spec["quantization"]["calibration_images"] = len(calibration)
+                spec["sha256"] = file_sha256(tmp / spec["file"])
         config_path = tmp / EXPORTED_CONFIG
         config_path.write_text(exported_config(cfg).dump())
         write_sidecar(tmp, build_sidecar(model, cfg, fmt, networks, EXPORTED_CONFIG, file_sha256(config_path)))
@@ -98,10 +194,12 @@ def export_model(model: Any, cfg: Any, output: str | os.PathLike, fmt: str, *, o
 
 def export_from_config(config_file: str | None, fmt: str, output: str | os.PathLike, *, weights: str | None = None,
                        model_name: str | None = None, opts: Sequence[str] = (), allow_untrained: bool = False,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, quantize: str = "none", calibration: str | None = None,
+                       calibration_count: int = 4, calibrate_method: str = "minmax") -> Path:
     """Build the model of ``config_file`` (or of the model zoo entry ``model_name``), load ``weights`` (or the
     config's / entry's ``MODEL.WEIGHTS``) and :func:`export_model` it. ``opts``: ``KEY VALUE`` overrides;
-    ``allow_untrained``: export random weights when there are none (speed tests only)."""
+    ``allow_untrained``: export random weights when there are none (speed tests only); ``quantize="int8"``: calibrated
+    on ``calibration_count`` images of ``calibration`` (a folder or a dataset; default the first training set)."""
     from ..checkpoint import NucleiCheckpointer
     from ..modeling.build import build_nuclei_model
 
@@ -115,6 +213,13 @@ def export_from_config(config_file: str | None, fmt: str, output: str | os.PathL
                           "--allow-untrained to export random weights (speed tests only)")
     model = build_nuclei_model(cfg)
     exportable_networks(model)  # before loading weights: a method that cannot be exported says so at once
+    images = None
+    if quantize == "int8":
+        if fmt != "onnx":
+            raise ExportError(f"int8 quantisation is made for ONNX Runtime: use --format onnx, not {fmt}")
+        _check_output(Path(output), overwrite)  # before reading the calibration images
+        images = calibration_images(cfg, calibration, calibration_count)
     if cfg.MODEL.WEIGHTS:
         NucleiCheckpointer.from_config(model, cfg, config_file=source).load(cfg.MODEL.WEIGHTS)
-    return export_model(model.eval(), cfg, output, fmt, overwrite=overwrite)
+    return export_model(model.eval(), cfg, output, fmt, overwrite=overwrite, quantize=quantize, calibration=images,
+                        calibrate_method=calibrate_method)
