@@ -142,8 +142,11 @@ def load_runtime(folder: str | os.PathLike, runtime: str, threads: int = 0
         path = folder / spec["file"]
         run = _onnx_runner(path, spec, threads) if runtime == "onnxruntime" else _torchscript_runner(path)
         fns[name] = ExportedNetwork(name, spec, run, str(path))
-    logger.info("loaded %d exported network(s) from %s for %s (%s)", len(fns), folder, runtime,
-                f"{threads} threads" if runtime == "onnxruntime" else "torch threads")
+    int8 = sorted(n for n, spec in sidecar["networks"].items()
+                  if isinstance(spec.get("quantization"), dict) and spec["quantization"].get("type") == "int8")
+    logger.info("loaded %d exported network(s) from %s for %s (%s)%s", len(fns), folder, runtime,
+                f"{threads} threads" if runtime == "onnxruntime" else "torch threads",
+                f"; int8: {', '.join(int8)}" if int8 else "")
     return sidecar, fns
 
 
