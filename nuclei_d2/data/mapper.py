@@ -224,6 +224,7 @@ class NucleiDatasetMapper:
                         label, border_is_contour=self.target_params.get("border_is_contour", False)) * 255.0
                 elif not self._warned_distance:  # zeros: the model has to predict it (Mask R-CNN+)
                     logger.warning("[NucleiDatasetMapper] the 'distance' input channel comes from the ground truth "
-                                   "only in training; at inference it is filled with zeros")
+                                   "only in training; at inference it is zeros, for the model's distance network to "
+                                   "fill (Mask R-CNN+, DISTANCE_SOURCE 'unet'); a model without one sees zeros")
                     self._warned_distance = True
         return out
