@@ -61,6 +61,20 @@ def _check_output(output: Path, overwrite: bool) -> None:
                               "only, so nothing else is deleted by mistake")
 
 
+def _check_quantize(model: Any, fmt: str, quantize: str) -> None:
+    """A quantisation this model and format can have, or a one-line :class:`ExportError`."""
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantisation {quantize!r}; use one of {list(QUANTIZATIONS)}")
+    if quantize == "none":
+        return
+    if fmt != "onnx":
+        raise ExportError(f"int8 quantisation is made for ONNX Runtime: use --format onnx, not {fmt}")
+    if getattr(model, "normalizes_inside", False):
+        raise ExportError(f"{type(model).__name__} cannot be quantised to int8: its 'rcnn' graph holds the "
+                          "detection post-processing (box decoding, NMS, RoIAlign), which is not quantised; "
+                          "export it in float32 (--quantize none)")
+
+
 def calibration_images(cfg: Any, source: str | None, count: int) -> list[tuple[str, np.ndarray]]:
     """Up to ``count`` (name, RGB image) pairs to calibrate int8 quantisation with: from ``source``, a folder of
     images (sorted by name) or a registered dataset name, by default the config's first ``DATASETS.TRAIN``."""
@@ -137,17 +151,9 @@ def export_model(model: Any, cfg: Any, output: str | os.PathLike, fmt: str, *, o
     """
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {sorted(FORMATS)}")
-    if quantize not in QUANTIZATIONS:
-        raise ExportError(f"unknown quantisation {quantize!r}; use one of {list(QUANTIZATIONS)}")
-    if quantize != "none":
-        if fmt != "onnx":
-            raise ExportError(f"int8 quantisation is made for ONNX Runtime: use --format onnx, not {fmt}")
-        if getattr(model, "normalizes_inside", False):
-            raise ExportError(f"{type(model).__name__} cannot be quantised to int8: its 'rcnn' graph holds the "
-                              "detection post-processing (box decoding, NMS, RoIAlign), which is not quantised; "
-                              "export it in float32 (--quantize none)")
-        if not calibration:
-            raise ExportError("int8 quantisation needs calibration images (calibration_images(); --calibration)")
+    _check_quantize(model, fmt, quantize)
+    if quantize != "none" and not calibration:
+        raise ExportError("int8 quantisation needs calibration images (calibration_images(); --calibration)")
     output = Path(output)
     _check_output(output, overwrite)
     exportable_networks(model)  # a method that cannot be exported says so before any file is written
@@ -167,10 +173,8 @@ def export_model(model: Any, cfg: Any, output: str | os.PathLike, fmt: str, *, o
                                    "(calibrate on more or other images to quantise it)", name, len(calibration))
                     spec["quantization"] = {"type": "none", "reason": "no calibration inputs reached it"}
                     continue
-                names = [t["name"] for t in spec["inputs"]]
-                outs = [t["name"] for t in spec["outputs"]]
-                spec["quantization"] = quantize_onnx(tmp / spec["file"], nets[name], name, names, outs,
-                                                     samples[name], calibrate_method=calibrate_method)
+                spec["quantization"] = quantize_onnx(tmp / spec["file"], nets[name], name, samples[name],
+                                                     calibrate_method=calibrate_method)
                 spec["quantization"]["calibration_images"] = len(calibration)
                 spec["sha256"] = file_sha256(tmp / spec["file"])
         config_path = tmp / EXPORTED_CONFIG
@@ -214,9 +218,8 @@ def export_from_config(config_file: str | None, fmt: str, output: str | os.PathL
     model = build_nuclei_model(cfg)
     exportable_networks(model)  # before loading weights: a method that cannot be exported says so at once
     images = None
+    _check_quantize(model, fmt, quantize)
     if quantize == "int8":
-        if fmt != "onnx":
-            raise ExportError(f"int8 quantisation is made for ONNX Runtime: use --format onnx, not {fmt}")
         _check_output(Path(output), overwrite)  # before reading the calibration images
         images = calibration_images(cfg, calibration, calibration_count)
     if cfg.MODEL.WEIGHTS:

@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..modeling.networks import NetworkIO, network_io
+from .exporter import _as_tuple, _run_exported
 from .sidecar import ExportError
 
 __all__ = ["CALIBRATE_METHODS", "INT8_RELATIVE_TOLERANCE", "QUANTIZATIONS", "quantize_onnx"]
@@ -63,25 +65,19 @@ class _Reader:
         return next(self._it, None)
 
 
-def _relative_error(path: Path, module: torch.nn.Module, names: Sequence[str], outputs: Sequence[str],
+def _relative_error(path: Path, module: torch.nn.Module, io: NetworkIO,
                     samples: Sequence[tuple[torch.Tensor, ...]]) -> tuple[float, float]:
     """(mean |int8 - eager| / (max - min of eager), max |int8 - eager|) over ``samples``, all outputs pooled."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     err, count, worst = 0.0, 0, 0.0
     lo, hi = float("inf"), float("-inf")
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     with torch.no_grad():
         for s in samples:
-            eager = module(*(t.to(device) for t in s))
-            eager = eager if isinstance(eager, (tuple, list)) else (eager,)
-            got = sess.run(list(outputs), {n: t.detach().cpu().float().numpy() for n, t in zip(names, s, strict=True)})
+            eager = _as_tuple(module(*(t.to(device) for t in s)))
+            got = _run_exported(path, "onnx", io, s)
             for a, b in zip(got, eager, strict=True):
                 ref = b.detach().cpu().double().numpy()
-                d = np.abs(np.asarray(a, dtype=np.float64) - ref)
+                d = np.abs(a.double().numpy() - ref)
                 err, count = err + float(d.sum()), count + d.size
                 if d.size:
                     worst = max(worst, float(d.max()))
@@ -89,14 +85,14 @@ def _relative_error(path: Path, module: torch.nn.Module, names: Sequence[str], o
     return (err / max(count, 1)) / max(hi - lo, 1e-12), worst
 
 
-def quantize_onnx(path: str | os.PathLike, module: torch.nn.Module, name: str, inputs: Sequence[str],
-                  outputs: Sequence[str], samples: Sequence[tuple[torch.Tensor, ...]], *,
-                  calibrate_method: str = "minmax") -> dict[str, Any]:
-    """Replace the float32 ONNX file ``path`` of network ``name`` (eager ``module``) by its int8 version, calibrated on
-    three quarters of ``samples`` (input tuples in the order of ``inputs``) and checked on the rest; returns the
-    sidecar's ``quantization`` entry. Raises :class:`ExportError` (nothing replaced) on no samples, an unknown
-    method, a failed quantisation or outputs too far from eager PyTorch's."""
+def quantize_onnx(path: str | os.PathLike, module: torch.nn.Module, name: str,
+                  samples: Sequence[tuple[torch.Tensor, ...]], *, calibrate_method: str = "minmax") -> dict[str, Any]:
+    """Replace the float32 ONNX file ``path`` of network ``name`` (eager ``module``, its ``NetworkIO`` naming the
+    tensors) by its int8 version, calibrated on three quarters of ``samples`` (input tuples) and checked on the rest;
+    returns the sidecar's ``quantization`` entry. Raises :class:`ExportError` (nothing replaced) on no samples, an
+    unknown method, a failed quantisation or outputs too far from eager PyTorch's."""
     path = Path(path)
+    io = network_io(module, name)
     if not samples:
         raise ExportError(f"{name}: no calibration inputs recorded for int8 quantisation (the calibration images never "
                           "reached this network: too few images, or an inference mode that does not run it)")
@@ -115,13 +111,13 @@ def quantize_onnx(path: str | os.PathLike, module: torch.nn.Module, name: str, i
             # shape inference and constant folding first, as ONNX Runtime advises (symbolic shape inference cannot
             # follow the dynamic height / width of these graphs, the ONNX one can)
             quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
-            quantize_static(str(pre), str(out), _Reader(inputs, calib), quant_format=QuantFormat.QDQ,
+            quantize_static(str(pre), str(out), _Reader(io.inputs, calib), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=method)
         except Exception as e:  # onnxruntime's own errors are long: say which network and keep the first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"{name}: int8 quantisation failed ({type(e).__name__}: {first})") from e
-        rel, worst = _relative_error(out, module, inputs, outputs, check)
+        rel, worst = _relative_error(out, module, io, check)
         if not rel <= INT8_RELATIVE_TOLERANCE:
             raise ExportError(f"{name}: int8 outputs differ from PyTorch's by {rel:.1%} of their range on average on "
                               f"held-out calibration inputs (tolerance {INT8_RELATIVE_TOLERANCE:.0%}): export it in "
