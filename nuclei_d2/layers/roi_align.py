@@ -71,7 +71,7 @@ def roi_align_sparse(input: torch.Tensor, rois: torch.Tensor, output_size: int |
     r_all = rois.shape[0]
     if r_all == 0:
         return x.new_zeros((0, c, ph, pw)).to(dtype)
-    boxes = rois[:, 1:].float() * spatial_scale - (0.5 if aligned else 0.0)
+    boxes = rois[:, 1:].detach().float() * spatial_scale - (0.5 if aligned else 0.0)  # boxes get no gradient
     roi_w, roi_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     if not aligned:  # the legacy kernel forces boxes to at least one pixel
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
