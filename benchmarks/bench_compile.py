@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this clone's nuc
 from training_step import config_path, real_batch, step_seconds  # noqa: E402  (benchmarks/)
 
 from nuclei_d2.engine import RANDOM_INIT_OPTS, setup_cfg
+from nuclei_d2.engine.autocast import cpu_has_native_bfloat16
 from nuclei_d2.engine.compile import COMPILE_MODES, DYNAMIC_SHAPES, compile_for_training
 from nuclei_d2.modeling import build_nuclei_model
 
@@ -83,7 +84,7 @@ def main() -> None:
                      _ratio(med[(False, False)], med[(True, False)]), _ratio(med[(False, True)], med[(True, True)]),
                      _ratio(med[(False, False)], med[(True, True)])])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), mode {args.mode}, dynamic {args.dynamic}, "
-          f"native bfloat16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
+          f"native bfloat16: {cpu_has_native_bfloat16()}")
     print(tabulate(rows, headers=["config", "batch", "compiled", "s/step eager fp32", "eager bf16", "compiled fp32",
                                   "compiled bf16", "compile s fp32", "compile s bf16", "speed-up fp32",
                                   "speed-up bf16", "compiled bf16 vs eager fp32"]))

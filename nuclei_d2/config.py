@@ -277,7 +277,8 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.BETAS = (0.9, 0.999)
     # Mixed precision with SOLVER.AMP.ENABLED (Detectron2's key): the forward pass under torch.autocast in this dtype.
     # "auto" = bfloat16 on CPU (no loss scaling needed; oneDNN runs bf16 convolutions natively on CPUs with
-    # AVX512-BF16 or AMX) and float16 with Detectron2's AMPTrainer on CUDA. "bfloat16" / "float16" force one.
+    # AVX512-BF16 or AMX; on other CPUs, where it would be slower, "auto" trains in float32 with a warning) and float16
+    # with Detectron2's AMPTrainer on CUDA. "bfloat16" / "float16" force one.
     cfg.SOLVER.AMP.PRECISION = "auto"
     # Exponential moving average of the weights (nuclei_d2/engine/ema.py): after every optimizer step
     # ema = DECAY * ema + (1 - DECAY) * weights, over the parameters and floating-point buffers (BatchNorm statistics).

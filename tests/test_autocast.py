@@ -52,3 +52,22 @@ def test_every_method_trains_under_bfloat16_autocast(name, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the optimizer stepped
     losses = trainer.storage.history("total_loss").values()
     assert losses and all(torch.isfinite(torch.tensor(v)) for v, _ in losses)
+
+
+@pytest.mark.parametrize("precision, expected", [("auto", SimpleTrainer), ("bfloat16", AutocastTrainer)])
+def test_cpu_without_native_bfloat16_trains_float32_unless_forced(precision, expected, monkeypatch, caplog):
+    """The CPU configs turn AMP on; on a CPU that would emulate bfloat16 (slower), "auto" falls back to float32."""
+    import nuclei_d2.engine.autocast as autocast
+
+    cfg = tiny_cfg("nb_unet-tiny.yaml", *SYNTH, *RANDOM_INIT_OPTS, "SOLVER.AMP.ENABLED", "True",
+                   "SOLVER.AMP.PRECISION", precision)
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monkeypatch.setattr(autocast, "cpu_has_native_bfloat16", lambda: False)
+    with caplog.at_level("WARNING", logger=autocast.__name__):
+        loop = build_train_loop(cfg, model, [], optimizer)
+    assert type(loop) is expected
+    assert "no native bfloat16" in caplog.text
+    assert ("training in float32" in caplog.text) == (precision == "auto")
+    monkeypatch.setattr(autocast, "cpu_has_native_bfloat16", lambda: True)
+    assert type(build_train_loop(cfg, model, [], optimizer)) is AutocastTrainer  # native: bfloat16 either way

@@ -14,7 +14,7 @@ import time
 import torch
 from detectron2.engine import AMPTrainer, SimpleTrainer
 
-__all__ = ["AutocastTrainer", "amp_dtype", "build_train_loop"]
+__all__ = ["AutocastTrainer", "amp_dtype", "build_train_loop", "cpu_has_native_bfloat16"]
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +76,18 @@ def build_train_loop(cfg, model, data_loader, optimizer) -> SimpleTrainer:
     dtype = amp_dtype(cfg.SOLVER.AMP.PRECISION, device_type)
     if dtype == torch.float16:
         return AMPTrainer(model, data_loader, optimizer, precision=dtype)
-    if device_type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device_type == "cpu" and not cpu_has_native_bfloat16():
+        if cfg.SOLVER.AMP.PRECISION.lower() == "auto":
+            # The CPU configs turn AMP on for CPUs like the one they were measured on; elsewhere bfloat16 is emulated
+            # and slower than float32, so "auto" falls back instead of slowing the user down.
+            logger.warning("SOLVER.AMP: this CPU has no native bfloat16 (AVX512-BF16/AMX), where bfloat16 autocast "
+                           "is slower than float32: training in float32 (SOLVER.AMP.PRECISION bfloat16 forces it)")
+            return SimpleTrainer(model, data_loader, optimizer)
         logger.warning("SOLVER.AMP: this CPU has no native bfloat16 (AVX512-BF16/AMX): training will be slower, "
                        "not faster; set SOLVER.AMP.ENABLED False")
     return AutocastTrainer(model, data_loader, optimizer, device_type=device_type, dtype=dtype)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 or AMX), i.e. whether autocast pays."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
