@@ -9,7 +9,7 @@ configs/maskrcnn_baseline.yaml (R50-FPN). Rows:
 
 * ``panoptic_fusion.yaml``: the paper's model as configured (ResNet-101, dual-modal mask generator);
 * the same with ResNet-50: the baseline's backbone, so the difference is the mask generator alone;
-* ``panoptic_fusion-ablation-ab3.yaml`` with ResNet-50: semantic branch + feature fusion with the standard mask head.
+* ``panoptic_fusion-ablation-ab2.yaml`` with ResNet-50: semantic branch + feature fusion with the standard mask head.
   Both are training-only, so this row should cost what the baseline costs (ratio ~1).
 
 The models have random weights, so the score threshold is 0 and every model keeps the same number of detections
@@ -41,7 +41,7 @@ MODELS: list[tuple[str, str, list[str]]] = [  # (label, config, overrides)
     ("maskrcnn_baseline (R50)", "maskrcnn_baseline.yaml", []),
     ("panoptic_fusion (R101, paper)", "panoptic_fusion.yaml", []),
     ("panoptic_fusion, R50", "panoptic_fusion.yaml", ["MODEL.RESNETS.DEPTH", "50"]),
-    ("ablation Ab3 (std mask head), R50", "panoptic_fusion-ablation-ab3.yaml", ["MODEL.RESNETS.DEPTH", "50"]),
+    ("ablation Ab2 (std mask head), R50", "panoptic_fusion-ablation-ab2.yaml", ["MODEL.RESNETS.DEPTH", "50"]),
 ]
 
 

@@ -320,11 +320,11 @@ def test_feature_fusion_requires_the_fusion_roi_heads():
         build_model(tiny_cfg(TINY, "MODEL.ROI_HEADS.NAME", "StandardROIHeads"))
 
 
-ABLATION = {  # row -> (semantic branch, feature fusion, mask head)
+ABLATION = {  # row of the paper's Table 3 -> (semantic branch, feature fusion, mask head)
     "baseline": (False, False, MaskRCNNConvUpsampleHead),
-    "ab1": (False, False, DualModalMaskHead),
-    "ab2": (True, False, MaskRCNNConvUpsampleHead),
-    "ab3": (True, True, MaskRCNNConvUpsampleHead),
+    "ab1": (False, True, MaskRCNNConvUpsampleHead),
+    "ab2": (True, True, MaskRCNNConvUpsampleHead),
+    "ab3": (True, False, MaskRCNNConvUpsampleHead),
     "proposed": (True, True, DualModalMaskHead),
 }
 
