@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 
 import numpy as np
 import pytest
@@ -79,28 +78,42 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="signal masks are POSIX only")
-def test_atomic_write_a_signal_as_the_temp_file_is_created_leaves_nothing_behind(tmp_path, monkeypatch):
-    # SIGTERM arrives the instant mkstemp has created the file: its handler (raising SystemExit, as a CLI's does)
-    # must run only once the cleanup is in place, so neither a temporary file nor a changed target remains.
+@pytest.mark.parametrize("other_thread", [False, True])
+def test_atomic_write_a_signal_as_the_temp_file_is_created_leaves_nothing_behind(tmp_path, monkeypatch, other_thread):
+    # SIGTERM arrives the instant the temporary file is created: its handler (raising SystemExit, as a CLI's does)
+    # must find the cleanup in place, so neither a temporary file nor a changed target remains. With another thread
+    # alive (torch's, a loader's) the kernel may hand the signal to it, and Python then runs the handler in this
+    # thread at once, whatever this thread's mask holds back.
+    import threading
+
+    import nuclei_d2.utils.io as io_module
+
     target = tmp_path / "out.json"
     write_json_atomic(target, {"ok": 1})
-    real_mkstemp = tempfile.mkstemp
+    real_create = io_module._create_exclusive
 
-    def mkstemp_then_signal(*args, **kwargs):
-        created = real_mkstemp(*args, **kwargs)
+    def create_then_signal(path):
+        fd = real_create(path)
         os.kill(os.getpid(), signal.SIGTERM)
-        return created
+        for _ in range(1000):  # give another thread's delivery time to reach this one
+            pass
+        return fd
 
     def on_term(signum, frame):
         raise SystemExit(128 + signum)
 
+    stop = threading.Event()
+    idle = threading.Thread(target=stop.wait, daemon=True)
+    if other_thread:
+        idle.start()
     previous = signal.signal(signal.SIGTERM, on_term)
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    monkeypatch.setattr(io_module, "_create_exclusive", create_then_signal)
     try:
         with pytest.raises(SystemExit):
             write_json_atomic(target, {"ok": 2})
     finally:
         signal.signal(signal.SIGTERM, previous)
+        stop.set()
     assert target.read_text() == '{"ok": 1}'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
     assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask is restored

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import signal
 import tempfile
 from collections.abc import Callable
@@ -240,24 +241,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path: Path | None = None
+    # Named before it exists: a handler that runs at any point below (another thread may take a signal that this
+    # thread holds back, and Python then runs the handler here at once) finds the file to remove.
+    tmp_path = path.parent / f".{path.stem}.{secrets.token_hex(8)}.tmp{path.suffix}"
     old_mask = _hold_signals()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-        tmp_path = Path(tmp)
+        os.close(_create_exclusive(tmp_path))
         _release_signals(old_mask)  # a signal that came meanwhile is handled from here on, inside the try
         old_mask = None
-        os.close(fd)
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp_path, path)
     except BaseException:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
+        tmp_path.unlink(missing_ok=True)
         raise
     finally:
         _release_signals(old_mask)
     return path
+
+
+def _create_exclusive(path: Path) -> int:
+    """Create ``path`` (mode 0600, failing if it exists, as ``mkstemp`` does) and return its descriptor."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = None) -> Path:
