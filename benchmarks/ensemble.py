@@ -408,10 +408,12 @@ def alone_row(member: Member, cache: PredictionCache) -> Row:
     def cached(transforms: Sequence[Any], merge: str, w: Any = None) -> Any:
         kw = dict(iou_threshold=cfg.TEST.MERGE.IOU_THRESHOLD, min_votes=cfg.TEST.MERGE.MIN_VOTES,
                   mask_threshold=cfg.TEST.MERGE.MASK_THRESHOLD, soft_masks=cfg.TEST.MERGE.SOFT_MASKS,
-                  extra_channels=list(cfg.INPUT.EXTRA_CHANNELS), input_format=cfg.INPUT.FORMAT)
+                  extra_channels=list(cfg.INPUT.EXTRA_CHANNELS), input_format=cfg.INPUT.FORMAT,
+                  min_visible=cfg.TEST.MIN_VISIBLE_FRACTION)
         if w is not None:
             kw = dict(iou_threshold=w.iou_threshold, min_votes=w.min_votes, mask_threshold=w.mask_threshold,
-                      soft_masks=w.soft_masks, extra_channels=list(w.extra_channels), input_format=w.input_format)
+                      soft_masks=w.soft_masks, extra_channels=list(w.extra_channels), input_format=w.input_format,
+                      min_visible=w.min_visible)
         return wrapper_cls([EnsembleMember(model, None, member.name)], transforms, merge=merge, cache=cache,
                            names=[member.name], view=member.view, **kw).eval()
 
@@ -431,7 +433,8 @@ def alone_row(member: Member, cache: PredictionCache) -> Row:
             raw = model.inference([inp], do_postprocess=False)[0]
             t_raw = time.perf_counter() - t0
             out = {"instances": crop_postprocess(raw, inp.get("height", raw.image_size[0]),
-                                                 inp.get("width", raw.image_size[1]))}
+                                                 inp.get("width", raw.image_size[1]),
+                                                 min_visible=model.min_visible_fraction)}
             seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             h, w = inp["image"].shape[-2:]
@@ -486,6 +489,7 @@ def ensemble_row(members: list[Member], cache: PredictionCache, merge: str, min_
         w = cached_wrapper_class()(wrapped, transforms, iou_threshold=iou, min_votes=min_votes,
                                    mask_threshold=mm.MASK_THRESHOLD, soft_masks=mm.SOFT_MASKS, extra_channels=extra,
                                    input_format=cfg.INPUT.FORMAT, merge=merge, cache=cache,
+                                   min_visible=cfg.TEST.MIN_VISIBLE_FRACTION,
                                    names=[m.name for m in members], view=input_view(mapper_cfg))
     except ValueError as e:
         raise ValueError(f"ensemble {label}: {e}") from None

@@ -8,8 +8,10 @@ import json
 
 import numpy as np
 import pycocotools.mask as mask_util
+import pytest
 import torch
 from conftest import tiny_cfg
+from detectron2.structures import Instances
 
 from nuclei_d2.inference import Predictor, RunOptions, load_geojson, predict_file
 from nuclei_d2.structures import CropMasks, NucleiInstances, label_map_to_instances, nuclei_of
@@ -148,3 +150,62 @@ def test_rcnn_outputs_hold_crops_equal_to_detectron2s_full_paste(monkeypatch, sh
     ref = detector_postprocess(r, 240, 300)
     assert (~ref.pred_masks.flatten(1).any(1)).sum() >= 7 and torch.equal(inst.pred_masks, ref.pred_masks)
     assert len(nuclei_of(inst)) == len(CropMasks.from_instances(ref)) == len(ref) - 7
+
+
+def test_visible_fractions_follow_the_overlap_rule():
+    masks = np.zeros((4, 30, 30), bool)
+    masks[0, 2:12, 2:12] = True  # 100 px, the best score
+    masks[1, 4:14, 2:12] = True  # 100 px, 80 of them under nucleus 0
+    masks[2, 20:25, 20:25] = True  # alone
+    masks[3, 2:12, 2:12] = True  # nucleus 0 again, scored lower: wholly covered
+    crops = CropMasks.from_masks(masks, [0.9, 0.8, 0.3, 0.5])
+    np.testing.assert_allclose(crops.visible_fractions(), [1.0, 0.2, 1.0, 0.0])
+    # the fractions are what the label map shows of each nucleus, ties and all
+    rng = np.random.default_rng(1)
+    many = np.zeros((30, 50, 50), bool)
+    yy, xx = np.ogrid[:50, :50]
+    for i in range(30):
+        y, x, r = rng.integers(5, 45), rng.integers(5, 45), rng.integers(3, 8)
+        many[i] = (yy - y) ** 2 + (xx - x) ** 2 <= r * r
+    crops = CropMasks.from_masks(many, rng.choice([0.4, 0.6, 0.8], size=30))
+    label = crops.to_label_map()
+    shown = np.array([(label == i + 1).sum() / many[i].sum() for i in range(30)])
+    np.testing.assert_allclose(crops.visible_fractions(), shown)
+    assert ((shown > 0) & (shown < 0.5)).any() and (shown == 0).any() and (shown == 1).any()  # not trivial
+
+
+def _overlapping_raw_detections() -> Instances:
+    """Raw R-CNN outputs on a 60 x 60 input: a nucleus, a second detection of it shifted by 2 px (90% hidden), one
+    alone, and one whose mask is empty at 0.5."""
+    from detectron2.structures import Boxes
+
+    r = Instances((60, 60))
+    boxes = [[0, 0, 20, 20], [2, 0, 22, 20], [40, 40, 55, 55], [25, 0, 35, 10]]
+    r.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    r.scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    r.pred_classes = torch.zeros(4, dtype=torch.int64)
+    r.pred_masks = torch.ones(4, 1, 28, 28)
+    r.pred_masks[3] = 0.2
+    return r
+
+
+def test_crop_postprocess_drops_nuclei_hidden_under_better_ones():
+    from nuclei_d2.modeling.rcnn import crop_postprocess
+
+    r = _overlapping_raw_detections()
+    assert len(crop_postprocess(r, 60, 60)) == 4  # default: Detectron2's instances, every one
+    out = crop_postprocess(r, 60, 60, min_visible=0.5)
+    assert out.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])  # twin gone, empty mask kept (box AP)
+    assert len(out.pred_nuclei) == 3 and len(out.pred_boxes) == 3
+    assert len(crop_postprocess(r, 60, 60, min_visible=0.05)) == 4  # it shows 10% of itself
+
+
+def test_rcnn_models_read_min_visible_fraction_from_the_config():
+    from nuclei_d2.modeling import build_nuclei_model
+
+    model = build_nuclei_model(tiny_cfg("maskrcnn_baseline-tiny.yaml", "TEST.MIN_VISIBLE_FRACTION", "0.5"))
+    assert model.min_visible_fraction == 0.5
+    plus = build_nuclei_model(tiny_cfg("maskrcnn_plus-tiny.yaml", "TEST.MIN_VISIBLE_FRACTION", "0.25"))
+    assert plus.min_visible_fraction == 0.25
+    with pytest.raises(ValueError, match="TEST.MIN_VISIBLE_FRACTION must be in"):
+        build_nuclei_model(tiny_cfg("maskrcnn_baseline-tiny.yaml", "TEST.MIN_VISIBLE_FRACTION", "1.5"))

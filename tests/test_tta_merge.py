@@ -264,6 +264,34 @@ def test_wrapper_merges_copies_and_drops_transform_dependent_false_positives():
         wrapper.train()([inp])
 
 
+class FixedModel(nn.Module):
+    """A 'model' that predicts the same overlapping nuclei on every input: a nucleus, its second detection shifted
+    by two pixels (90% under the first, scored lower) and one alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, batched_inputs):
+        masks = torch.zeros(3, 40, 64, dtype=torch.bool)
+        masks[0, 0:20, 0:20] = masks[1, 0:20, 2:22] = masks[2, 25:35, 40:50] = True
+        inst = Instances((40, 64), pred_masks=masks, scores=torch.tensor([0.9, 0.8, 0.7]),
+                         pred_classes=torch.zeros(3, dtype=torch.int64))
+        return [{"instances": inst} for _ in batched_inputs]
+
+
+def test_wrapper_drops_merged_nuclei_hidden_under_better_ones():
+    image, _ = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64}
+    transforms = parse_tta_transforms(["identity"])
+    kept = TestTimeWrapper([FixedModel()], transforms, min_votes=1).eval()([inp])[0]["instances"]
+    assert kept.scores.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    out = TestTimeWrapper([FixedModel()], transforms, min_votes=1, min_visible=0.5).eval()([inp])[0]["instances"]
+    assert out.scores.tolist() == pytest.approx([0.9, 0.7])
+    with pytest.raises(ValueError, match="MIN_VISIBLE_FRACTION"):
+        TestTimeWrapper([FixedModel()], transforms, min_visible=-0.1)
+
+
 def test_wrapper_ensemble_of_models_votes():
     image, _ = asymmetric_image()
     inp = {"image": image, "height": 40, "width": 64}

@@ -42,6 +42,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,7 +130,7 @@ class TestTimeWrapper(nn.Module):
     def __init__(self, members: Sequence[nn.Module | EnsembleMember], transforms: Sequence[TTATransform] | None = None,
                  *, iou_threshold: float = 0.5, min_votes: int = 2, mask_threshold: float = 0.5,
                  soft_masks: bool = True, extra_channels: Sequence[str] = (), input_format: str = "RGB",
-                 merge: str = "auto"):
+                 merge: str = "auto", min_visible: float = 0.0):
         """
         Args:
             members: models (or :class:`EnsembleMember` with their input channels); at least one.
@@ -141,6 +142,8 @@ class TestTimeWrapper(nn.Module):
             merge: "probs" (average dense models' probability maps, post-process once), "shared" (average the maps
                 dense members share by meaning, post-process with the first member), "instances" (merge nuclei per IoU
                 group) or "auto" ("probs" when every member is dense with the same maps).
+            min_visible: "instances" merge: drop merged nuclei that keep less than this fraction of their pixels
+                where better-scored ones overlap them (``TEST.MIN_VISIBLE_FRACTION``; 0 keeps all).
 
         Raises:
             ValueError: no member, a bad ``min_votes`` or ``merge``, "probs" or "shared" with a member that is not
@@ -159,6 +162,9 @@ class TestTimeWrapper(nn.Module):
         self.soft_masks = bool(soft_masks)
         self.extra_channels = tuple(extra_channels)
         self.input_format = input_format
+        self.min_visible = float(min_visible)
+        if not 0.0 <= self.min_visible <= 1.0:
+            raise ValueError(f"TEST.MIN_VISIBLE_FRACTION must be in [0, 1], got {min_visible}")
         if self.min_votes < 1:
             raise ValueError(f"TEST.MERGE.MIN_VOTES must be >= 1, got {min_votes}")
         self.merge_mode = self._resolve_merge(merge)
@@ -310,6 +316,10 @@ class TestTimeWrapper(nn.Module):
         for inp in batched_inputs:
             merged = merge_instances(self.member_predictions(inp), self.iou_threshold, self.min_votes,
                                      self.mask_threshold)
+            if self.min_visible > 0 and len(merged):
+                hidden = ((merged.visible_fractions(self.mask_threshold) < self.min_visible)
+                          & (merged.areas(self.mask_threshold) > 0))
+                merged = merged.select(np.flatnonzero(~hidden))
             results.append({"instances": merged.to_instances(self.mask_threshold).to(self.device)})
         return results
 
@@ -345,7 +355,7 @@ def build_test_time_wrapper(cfg: Any, model: nn.Module) -> nn.Module:
     wrapper = TestTimeWrapper(members, transforms, iou_threshold=m.IOU_THRESHOLD, min_votes=m.MIN_VOTES,
                               mask_threshold=m.MASK_THRESHOLD, soft_masks=m.SOFT_MASKS,
                               extra_channels=list(cfg.INPUT.EXTRA_CHANNELS), input_format=cfg.INPUT.FORMAT,
-                              merge=m.MODE)
+                              merge=m.MODE, min_visible=cfg.TEST.MIN_VISIBLE_FRACTION)
     if wrapper.merge_mode == "probs":
         how = "probability maps averaged, post-processed once"
     elif wrapper.merge_mode == "shared":

@@ -102,8 +102,8 @@ class MaskRCNNPlus(NucleiRCNN):
             train_on_predicted_distance: in training too, fill the ``distance`` channel with the distance network's
                 prediction (instead of the ground truth's map).
             allow_pickle: accept a ``.pkl`` distance-network checkpoint (unpickling can run code).
-            kwargs: ``GeneralizedRCNN`` arguments (backbone, proposal_generator, roi_heads, pixel_mean, pixel_std,
-                input_format, vis_period).
+            kwargs: ``NucleiRCNN`` arguments (backbone, proposal_generator, roi_heads, pixel_mean, pixel_std,
+                input_format, vis_period, min_visible_fraction).
         """
         super().__init__(**kwargs)
         self.channel_names = tuple(channel_names)
@@ -179,6 +179,7 @@ class MaskRCNNPlus(NucleiRCNN):
             "allow_untrained_distance": bool(mp.ALLOW_UNTRAINED_DISTANCE),
             "train_on_predicted_distance": bool(mp.TRAIN_ON_PREDICTED_DISTANCE),
             "allow_pickle": bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE),
+            "min_visible_fraction": cfg.TEST.MIN_VISIBLE_FRACTION,
         }
         if "distance" in names and mp.DISTANCE_SOURCE == "unet":
             spec = SubModel.from_config(cfg, DISTANCE_NET, "distance U-Net")

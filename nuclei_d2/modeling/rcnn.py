@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.structures import Boxes, Instances, ROIMasks
 from torch import nn
@@ -35,7 +36,7 @@ __all__ = ["NucleiRCNN", "crop_postprocess"]
 
 
 def crop_postprocess(results: Instances, output_height: int, output_width: int,
-                     mask_threshold: float | None = 0.5) -> Instances:
+                     mask_threshold: float | None = 0.5, min_visible: float = 0.0) -> Instances:
     """``detector_postprocess`` without full-size masks: raw R-CNN outputs at ``output_height x output_width``.
 
     Boxes are scaled from the network input (``results.image_size``) to the output size, clipped, and instances with
@@ -43,7 +44,10 @@ def crop_postprocess(results: Instances, output_height: int, output_width: int,
     box rounded out by one pixel, clipped). With ``mask_threshold`` the crops are binary (``>= mask_threshold``, as
     Detectron2 thresholds) and trimmed to their pixels; a mask left without pixels keeps its (all-zero) region, so
     the instances (and ``pred_boxes`` for box AP) stay those Detectron2 returns. ``None`` keeps the probabilities
-    in the whole region (the soft masks test-time augmentation merges).
+    in the whole region (the soft masks test-time augmentation merges). ``min_visible`` > 0 (binary masks only)
+    drops the instances whose mask keeps less than that fraction of its pixels where better-scored masks overlap it
+    (:meth:`~nuclei_d2.structures.CropMasks.visible_fractions`, ``TEST.MIN_VISIBLE_FRACTION``); instances without
+    mask pixels stay, as above.
 
     Returns :class:`NucleiInstances` with ``pred_nuclei`` when the results have masks, else plain ``Instances``.
     """
@@ -64,6 +68,10 @@ def crop_postprocess(results: Instances, output_height: int, output_width: int,
                        out.scores.detach().cpu().numpy(), out.pred_classes.detach().cpu().numpy())
     inst = NucleiInstances((h, w), **out.get_fields())
     inst.pred_nuclei = nuclei
+    if min_visible > 0 and mask_threshold is not None and len(nuclei):
+        hidden = (nuclei.visible_fractions(mask_threshold) < min_visible) & (nuclei.areas(mask_threshold) > 0)
+        if hidden.any():
+            inst = inst[torch.from_numpy(~hidden)]
     return inst
 
 
@@ -103,6 +111,24 @@ class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
     #: Config keys baked into the exported "rcnn" network, recorded in the export sidecar for its readers.
     export_keys = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.DETECTIONS_PER_IMAGE")
 
+    @configurable
+    def __init__(self, *, min_visible_fraction: float = 0.0, **kwargs: Any):
+        """
+        Args:
+            min_visible_fraction: ``TEST.MIN_VISIBLE_FRACTION``, for :func:`crop_postprocess` (``min_visible``).
+            kwargs: ``GeneralizedRCNN`` arguments (backbone, proposal_generator, roi_heads, pixel_mean, ...).
+        """
+        super().__init__(**kwargs)
+        if not 0.0 <= min_visible_fraction <= 1.0:
+            raise ValueError(f"TEST.MIN_VISIBLE_FRACTION must be in [0, 1], got {min_visible_fraction}")
+        self.min_visible_fraction = float(min_visible_fraction)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> dict[str, Any]:
+        ret = super().from_config(cfg)
+        ret["min_visible_fraction"] = cfg.TEST.MIN_VISIBLE_FRACTION
+        return ret
+
     @property
     def in_channels(self) -> int:
         """Channels of the input image (RGB + ``INPUT.EXTRA_CHANNELS``), as the dense models say it."""
@@ -141,5 +167,6 @@ class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
         if not do_postprocess:
             return results
         return [{"instances": crop_postprocess(r, inp.get("height", r.image_size[0]),
-                                               inp.get("width", r.image_size[1]))}
+                                               inp.get("width", r.image_size[1]),
+                                               min_visible=self.min_visible_fraction)}
                 for r, inp in zip(results, batched_inputs)]
