@@ -447,6 +447,13 @@ class CropMasks:
         kept = np.array([int(np.count_nonzero(m)) for m in self._visible(bins)], dtype=np.float64)
         return np.divide(kept, own, out=np.zeros(len(self), np.float64), where=own > 0)
 
+    def hidden(self, min_visible: float, threshold: float = 0.5) -> np.ndarray:
+        """Bool per nucleus: it has pixels but keeps less than ``min_visible`` of them (:meth:`visible_fractions`);
+        all False for ``min_visible`` 0. Nuclei without pixels are not "hidden" (an R-CNN keeps them for box AP)."""
+        if min_visible <= 0 or len(self) == 0:
+            return np.zeros(len(self), bool)
+        return (self.visible_fractions(threshold) < min_visible) & (self.areas(threshold) > 0)
+
     def full_masks(self, threshold: float = 0.5) -> torch.Tensor:
         """Full-size bool ``N x H x W`` masks (``mask >= threshold``): ``N * H * W`` bytes, for Detectron2 code only."""
         h, w = self.image_size

@@ -42,7 +42,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -316,10 +315,7 @@ class TestTimeWrapper(nn.Module):
         for inp in batched_inputs:
             merged = merge_instances(self.member_predictions(inp), self.iou_threshold, self.min_votes,
                                      self.mask_threshold)
-            if self.min_visible > 0 and len(merged):
-                hidden = ((merged.visible_fractions(self.mask_threshold) < self.min_visible)
-                          & (merged.areas(self.mask_threshold) > 0))
-                merged = merged.select(np.flatnonzero(~hidden))
+            merged = merged[~merged.hidden(self.min_visible, self.mask_threshold)]
             results.append({"instances": merged.to_instances(self.mask_threshold).to(self.device)})
         return results
 

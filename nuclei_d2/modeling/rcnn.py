@@ -46,8 +46,8 @@ def crop_postprocess(results: Instances, output_height: int, output_width: int,
     the instances (and ``pred_boxes`` for box AP) stay those Detectron2 returns. ``None`` keeps the probabilities
     in the whole region (the soft masks test-time augmentation merges). ``min_visible`` > 0 (binary masks only)
     drops the instances whose mask keeps less than that fraction of its pixels where better-scored masks overlap it
-    (:meth:`~nuclei_d2.structures.CropMasks.visible_fractions`, ``TEST.MIN_VISIBLE_FRACTION``); instances without
-    mask pixels stay, as above.
+    (:meth:`~nuclei_d2.structures.CropMasks.hidden`, ``TEST.MIN_VISIBLE_FRACTION``); instances without mask
+    pixels stay, as above.
 
     Returns :class:`NucleiInstances` with ``pred_nuclei`` when the results have masks, else plain ``Instances``.
     """
@@ -68,8 +68,8 @@ def crop_postprocess(results: Instances, output_height: int, output_width: int,
                        out.scores.detach().cpu().numpy(), out.pred_classes.detach().cpu().numpy())
     inst = NucleiInstances((h, w), **out.get_fields())
     inst.pred_nuclei = nuclei
-    if min_visible > 0 and mask_threshold is not None and len(nuclei):
-        hidden = (nuclei.visible_fractions(mask_threshold) < min_visible) & (nuclei.areas(mask_threshold) > 0)
+    if mask_threshold is not None:
+        hidden = nuclei.hidden(min_visible, mask_threshold)
         if hidden.any():
             inst = inst[torch.from_numpy(~hidden)]
     return inst
