@@ -158,6 +158,9 @@ def _add_augment_and_target_config(cfg: CN) -> None:
     # Probability that a crop is placed around a randomly drawn nucleus pixel instead of uniformly (sparse tissue
     # otherwise yields many crops without nuclei).
     n.CROP_NUCLEUS_PROB = 0.5
+    # Probability (drawn before CROP_NUCLEUS_PROB) that a crop is placed around a random pixel where two nuclei touch:
+    # crowded regions, where instance models merge nuclei, shown more often. Needs CROP_SIZE (not INPUT.CROP).
+    n.CROP_CONTACT_PROB = 0.0
     # Fixed magnification: every image is resized by this factor before anything else, in training (before the crop)
     # and at inference (predictions come back at the image's own size). 1.5 = the model sees a 40x tile as if
     # scanned at 60x (small nuclei span more feature-map cells); 2.0 at inference only lets a 40x model read 20x.

@@ -184,6 +184,65 @@ def test_nucleus_aware_crop_contains_the_nucleus():
     assert NucleiAwareRandomCrop(400).get_transform(img, None).apply_image(img).shape == (400, 400, 3)
 
 
+def _touching_pair_and_singles() -> np.ndarray:
+    """A 400x400 label map: two touching nuclei in one corner, isolated nuclei everywhere else."""
+    label = np.zeros((400, 400), np.int32)
+    k = 3
+    for y in range(20, 390, 40):
+        for x in range(20, 390, 40):
+            if y > 150 or x > 150:
+                label[y:y + 8, x:x + 8] = k
+                k += 1
+    label[40:48, 40:48] = 1
+    label[40:48, 48:56] = 2  # touches nucleus 1
+    return label
+
+
+def test_contact_crop_shows_touching_nuclei():
+    label = _touching_pair_and_singles()
+    img = np.zeros((400, 400, 3), np.uint8)
+    contact = NucleiAwareRandomCrop(64, nucleus_prob=1.0, contact_prob=1.0)
+    nucleus = NucleiAwareRandomCrop(64, nucleus_prob=1.0)
+    pair_in_contact, pair_in_nucleus = 0, 0
+    for seed in range(40):
+        seed_all_rng(seed)
+        crop = contact.get_transform(img, label).apply_segmentation(label)
+        pair_in_contact += bool((crop == 1).any() and (crop == 2).any())
+        seed_all_rng(seed)
+        crop = nucleus.get_transform(img, label).apply_segmentation(label)
+        pair_in_nucleus += bool((crop == 1).any() and (crop == 2).any())
+    assert pair_in_contact == 40  # every crop holds the only touching pair
+    assert pair_in_nucleus < 20  # the nucleus-pixel draw rarely does (2 of ~70 nuclei)
+    # No touching nuclei: falls back to a nucleus pixel.
+    single = np.where(label > 2, label, 0)
+    for seed in range(10):
+        seed_all_rng(seed)
+        assert (contact.get_transform(img, single).apply_segmentation(single) > 0).any()
+    with pytest.raises(ValueError, match="contact_prob must be a probability"):
+        NucleiAwareRandomCrop(64, contact_prob=1.5)
+
+
+def test_contact_crop_config():
+    from nuclei_d2.engine import setup_cfg
+    from nuclei_d2.engine.defaults import ConfigError
+
+    cfg = get_cfg()
+    add_nuclei_config(cfg)
+    cfg.INPUT.NUCLEI.CROP_SIZE = 64
+    cfg.INPUT.NUCLEI.CROP_CONTACT_PROB = 0.7
+    (crop,) = [a for a in build_nuclei_augmentation(cfg, True) if isinstance(a, NucleiAwareRandomCrop)]
+    assert crop.contact_prob == 0.7
+    tiny = str(REPO / "configs" / "maskrcnn_baseline-tiny.yaml")
+    with pytest.raises(ConfigError, match=r"^INPUT.NUCLEI.CROP_CONTACT_PROB places .* needs INPUT.NUCLEI.CROP_SIZE"):
+        setup_cfg(tiny, ["INPUT.NUCLEI.CROP_CONTACT_PROB", "0.5"])
+    with pytest.raises(ConfigError, match=r"^INPUT.NUCLEI.CROP_NUCLEUS_PROB must be a probability .*got 2.0$"):
+        setup_cfg(tiny, ["INPUT.NUCLEI.CROP_NUCLEUS_PROB", "2"])
+    # Accepted with the nucleus-aware crop in place of Detectron2's.
+    cfg = setup_cfg(tiny, ["INPUT.CROP.ENABLED", "False", "INPUT.NUCLEI.CROP_SIZE", "128",
+                           "INPUT.NUCLEI.CROP_CONTACT_PROB", "0.5"])
+    assert cfg.INPUT.NUCLEI.CROP_CONTACT_PROB == 0.5
+
+
 def _he_tile(size: int = 96) -> tuple[np.ndarray, np.ndarray]:
     return make_synthetic_tile(size, 0)
 

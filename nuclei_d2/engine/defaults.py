@@ -281,6 +281,16 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _check_crop_config(n) -> None:
+    """The nucleus-aware crop's probabilities (``INPUT.NUCLEI``), before any process starts."""
+    for key in ("CROP_NUCLEUS_PROB", "CROP_CONTACT_PROB"):
+        if not 0.0 <= float(n[key]) <= 1.0:
+            raise ConfigError(f"INPUT.NUCLEI.{key} must be a probability in [0, 1], got {n[key]}")
+    if float(n.CROP_CONTACT_PROB) > 0 and not int(n.CROP_SIZE):
+        raise ConfigError("INPUT.NUCLEI.CROP_CONTACT_PROB places the nucleus-aware crop: it needs "
+                          "INPUT.NUCLEI.CROP_SIZE > 0 (INPUT.CROP is Detectron2's uniform crop)")
+
+
 def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool = False,
               eval_only: bool = False, freeze: bool = True, check_data: bool = False) -> CfgNode:
     """Build the config and register what it names (synthetic data, DATASETS.REGISTER); check weights/datasets.
@@ -327,6 +337,7 @@ def setup_cfg(config_file: str | None, opts: Sequence[str] = (), *, resume: bool
                               "(and tune its parameters with tools/tune_classical.py)")
         check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN", prepared=check_data)
         check_schedule(cfg)
+        _check_crop_config(cfg.INPUT.NUCLEI)
         from .ema import check_ema_config
 
         check_ema_config(cfg)  # SOLVER.EMA.DECAY, before any process starts
