@@ -572,7 +572,8 @@ def _add_tta_config(cfg: CN) -> None:
     # Detectron2 defines TEST.AUG.ENABLED (used here: run the transforms below) and MIN_SIZES / MAX_SIZE / FLIP (for
     # its own multi-scale TTA, not used by nuclei-d2).
     # Test-time copies: "identity", "hflip", "vflip", "rot90", "rot180", "rot270", "hue" (shift HUE_DELTA) or
-    # "hue:<delta>", composed with "+" (e.g. "hflip+rot90"). The paper: original, flips and a hue-shifted copy.
+    # "hue:<delta>", "scale:<factor>" (predict at factor x the model's own input size), composed with "+" (e.g.
+    # "hflip+rot90", "hflip+scale:1.333"). The paper: original, flips and a hue-shifted copy.
     cfg.TEST.AUG.TRANSFORMS = ["identity", "hflip", "vflip", "hue"]
     # Hue shift of "hue", as a fraction of the colour circle (0.05 = 18 degrees; the amount is our choice).
     cfg.TEST.AUG.HUE_DELTA = 0.05

@@ -402,6 +402,92 @@ def test_dense_tta_from_a_config_matches_the_model_on_identity_and_runs_the_tran
     assert not torch.allclose(four["probs"], alone["probs"])  # a random-init U-Net is not flip-invariant
 
 
+# ---- multi-scale copies (scale:<factor>) ----------------------------------------------------------------------------
+
+
+def test_scale_copies_parse_compose_and_reject_bad_factors():
+    up, flipped_down, plain = parse_tta_transforms(["scale:1.5", "hflip+scale:0.5", "hflip"])
+    assert up.scale == 1.5 and flipped_down.scale == 0.5 and plain.scale == 1.0
+    assert not up.is_geometric and flipped_down.is_geometric  # a scale alone needs no inverse
+    assert up.output_size(40, 64) == (40, 64)  # predictions come back at the input's height x width
+    for bad in ("scale:0", "scale:abc", "scale:nan", "scale:50"):
+        with pytest.raises(ValueError, match="bad scale"):
+            parse_tta_transforms([bad])
+
+
+class ResizingThresholdModel(ThresholdModel):
+    """:class:`ThresholdModel` at any input size, returning its nuclei at the input's ``height x width`` (nearest),
+    as every nuclei-d2 model does; it records the sizes it saw."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, batched_inputs):
+        out = []
+        for inp in batched_inputs:
+            self.seen.append(tuple(inp["image"].shape[-2:]))
+            dark = (inp["image"][:3].mean(0) < 150).float()
+            dark = torch.nn.functional.interpolate(dark[None, None], size=(inp["height"], inp["width"]),
+                                                   mode="nearest")[0, 0].numpy() > 0.5
+            label, n = ndimage.label(dark)
+            inst = Instances(label.shape)
+            inst.pred_masks = torch.from_numpy(np.stack([label == i for i in range(1, n + 1)]))
+            inst.scores = torch.full((n,), 0.9)
+            inst.pred_classes = torch.zeros(n, dtype=torch.int64)
+            out.append({"instances": inst})
+        return out
+
+
+def test_scale_copies_predict_at_the_scaled_size_and_merge_in_the_original_frame():
+    image, label = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64}
+    model = ResizingThresholdModel()
+    wrapper = TestTimeWrapper([model], parse_tta_transforms(["identity", "scale:2", "hflip+scale:2"]),
+                              min_votes=3).eval()
+    out = wrapper([inp])[0]["instances"]
+    assert model.seen == [(40, 64), (80, 128), (80, 128)]
+    masks = out.pred_masks.numpy()
+    assert len(masks) == 2 and masks.shape[1:] == (40, 64)
+    for v in (1, 2):  # every copy found each nucleus where it is in the original (3 votes of 3)
+        truth = label == v
+        best = max((m & truth).sum() / (m | truth).sum() for m in masks)
+        assert best >= 0.9
+
+
+def test_scale_copies_of_a_dense_model_come_back_at_the_original_size():
+    image, _ = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64}
+    model = RampSegmentor().eval()
+    wrapper = TestTimeWrapper([model], parse_tta_transforms(["scale:0.5"]))
+    probs = wrapper.member_map(0, wrapper.transforms[0], inp)
+    assert model.seen[-1] == (20, 32) and tuple(probs.shape) == (1, 40, 64)
+
+
+def test_a_real_mask_rcnn_plus_predicts_a_scale_copy_at_the_scaled_size():
+    # The tiny Mask R-CNN+ (RGB + haematoxylin + distance) through the config: the scale copy is one resize of the
+    # mapped input (the haematoxylin channel recomputed from the resized RGB), and the nuclei come back at the tile's
+    # size, where the evaluators score them.
+    from conftest import tiny_cfg
+
+    from nuclei_d2.inference.test_time import build_test_time_wrapper
+    from nuclei_d2.modeling import build_nuclei_model
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("maskrcnn_plus-tiny.yaml", "DATASETS.SYNTHETIC.IMAGE_SIZE", "128", "TEST.AUG.ENABLED", "True",
+                   "TEST.AUG.TRANSFORMS", "['identity', 'scale:1.5']", "TEST.MERGE.MIN_VOTES", "1",
+                   "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    model = build_nuclei_model(cfg).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape[-2:])))
+    inp = _mapped(cfg)
+    wrapper = build_test_time_wrapper(cfg, model).eval()
+    with torch.no_grad():
+        out = wrapper([inp])[0]["instances"]
+    assert seen == [(128, 128), (192, 192)]  # both divisible by the backbone's 32: no padding
+    assert out.image_size == (128, 128) and len(out) > 0
+
+
 def test_brpnet_segment_probs_refines_only_with_the_image(monkeypatch):
     from conftest import tiny_cfg
 

@@ -50,7 +50,7 @@ from ..layers.wrappers import unwrap_model
 from ..structures import CropMasks, nuclei_of
 from .ensemble import EnsembleMember, load_ensemble_members, select_channels
 from .merge import merge_instances
-from .tta import TTATransform, parse_tta_transforms, rescale_input, tta_input
+from .tta import TTATransform, parse_tta_transforms, rescale_input, scaled_size, tta_input
 
 __all__ = ["MERGE_MODES", "TestTimeWrapper", "build_test_time_wrapper", "dense_map_meanings", "dense_prob_names",
            "predict_crops", "rcnn_soft_crops"]
@@ -221,10 +221,13 @@ class TestTimeWrapper(nn.Module):
         h, w = inp["image"].shape[-2:]
         return int(inp.get("height", h)), int(inp.get("width", w))
 
-    def member_input(self, index: int, copy: dict[str, Any]) -> dict[str, Any]:
-        """A (transformed) input as member ``index`` takes it: at its own resolution, with its own channels."""
+    def member_input(self, index: int, copy: dict[str, Any], t: TTATransform | None = None) -> dict[str, Any]:
+        """A (transformed) input as member ``index`` takes it: at its own resolution times the copy's scale
+        (``t``: its ``scale:<factor>`` operations; one resize for both), with its own channels."""
         h, w = copy["image"].shape[-2:]
         size = self.members[index].input_size(*self._output_size(copy), (int(h), int(w)))
+        if t is not None:
+            size = scaled_size(size, t)
         copy = rescale_input(copy, size, self.extra_channels, self.input_format)
         return select_channels(copy, self.members[index].channels)
 
@@ -232,7 +235,7 @@ class TestTimeWrapper(nn.Module):
         """Member ``index``'s nuclei on the copy ``t`` of ``inp``, in the original frame."""
         height, width = self._output_size(inp)
         copy = tta_input(inp, t, self.extra_channels, self.input_format)
-        pred = predict_crops(self.models[index], self.member_input(index, copy), self.soft_masks)
+        pred = predict_crops(self.models[index], self.member_input(index, copy, t), self.soft_masks)
         return t.invert(pred, height, width)
 
     def member_predictions(self, inp: dict[str, Any]) -> list[CropMasks]:
@@ -244,7 +247,7 @@ class TestTimeWrapper(nn.Module):
         """Dense member ``index``'s ``K x H x W`` probabilities on the copy ``t`` of ``inp``, in the original frame
         at its ``height x width``."""
         height, width = self._output_size(inp)
-        copy = self.member_input(index, tta_input(inp, t, self.extra_channels, self.input_format))
+        copy = self.member_input(index, tta_input(inp, t, self.extra_channels, self.input_format), t)
         size = t.output_size(height, width)
         probs = unwrap_model(self.models[index]).predict_probs(copy["image"])
         if tuple(probs.shape[-2:]) != size:  # the mapper resized the image: maps back to the copy's size

@@ -9,7 +9,13 @@ made them.
 
 Transform names (``TEST.AUG.TRANSFORMS``): ``identity``, ``hflip``, ``vflip``, ``rot90``, ``rot180``, ``rot270``
 (counter-clockwise, ``np.rot90``), ``hue`` (hue rotation by ``TEST.AUG.HUE_DELTA`` of the colour circle) or
-``hue:<delta>``; compose with ``+``, applied left to right (``hflip+rot90`` = flip, then rotate).
+``hue:<delta>``, ``scale:<factor>``; compose with ``+``, applied left to right (``hflip+rot90`` = flip, then rotate).
+
+``scale:<factor>`` is multi-scale testing: the copy is predicted at ``factor`` times the size the model's own mapper
+gives the image (``scale:1.333`` on a 1.5x model predicts at 2x the tile's pixels). Every model returns its nuclei
+and maps at the input's ``height x width``, so the scale needs no inverse; it is applied by the test-time wrapper
+together with a member's own resolution (:func:`scaled_size`), in one resize, after the other operations (it commutes
+with flips and quarter turns).
 
 Geometric transforms move every channel (a flipped hematoxylin channel is the hematoxylin channel of the flipped
 image). A colour transform changes the RGB channels only, so a ``hematoxylin`` extra channel is recomputed from the
@@ -21,6 +27,7 @@ for dense models whose copies are averaged before post-processing, to the probab
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +39,7 @@ from fvcore.transforms.transform import HFlipTransform, Transform, VFlipTransfor
 from ..data.augment import HueTransform, Rot90Transform
 from ..structures import CropMasks
 
-__all__ = ["GT_KEYS", "TTATransform", "parse_tta_transforms", "rescale_input", "tta_input"]
+__all__ = ["GT_KEYS", "TTATransform", "parse_tta_transforms", "rescale_input", "scaled_size", "tta_input"]
 
 #: Input keys that hold ground truth in the original frame; a transformed copy drops them.
 GT_KEYS = ("instances", "label_map", "targets", "sem_seg", "annotations")
@@ -54,7 +61,13 @@ class TTATransform:
 
     @property
     def is_geometric(self) -> bool:
-        return any(op != "hue" for op, _ in self.ops)
+        """Flips or quarter turns: predictions need mapping back (a scale does not, see the module docstring)."""
+        return any(op not in ("hue", "scale") for op, _ in self.ops)
+
+    @property
+    def scale(self) -> float:
+        """The product of the copy's ``scale:<factor>`` operations (1.0 without)."""
+        return float(np.prod([v for op, v in self.ops if op == "scale"])) if self.ops else 1.0
 
     @property
     def is_photometric(self) -> bool:
@@ -184,6 +197,15 @@ def parse_tta_transforms(names: Sequence[str], hue_delta: float = 0.05) -> list[
         for part in str(name).replace(" ", "").lower().split("+"):
             if part in _GEOMETRIC:
                 ops.extend(_GEOMETRIC[part])
+            elif part.startswith("scale:"):
+                try:
+                    factor = float(part.split(":", 1)[1])
+                except ValueError:
+                    factor = float("nan")
+                if not (math.isfinite(factor) and 0.1 <= factor <= 10.0):
+                    raise ValueError(f"TEST.AUG.TRANSFORMS: bad scale in {name!r}; write e.g. 'scale:1.333' (a factor "
+                                     "between 0.1 and 10 of the model's own input size)")
+                ops.append(("scale", factor))
             elif part == "hue" or part.startswith("hue:"):
                 try:
                     delta = float(part.split(":", 1)[1]) if ":" in part else float(hue_delta)
@@ -193,7 +215,7 @@ def parse_tta_transforms(names: Sequence[str], hue_delta: float = 0.05) -> list[
                 ops.append(("hue", delta))
             else:
                 raise ValueError(f"TEST.AUG.TRANSFORMS: unknown transform {part!r} in {name!r}; use identity, hflip, "
-                                 "vflip, rot90, rot180, rot270, hue or hue:<delta>, composed with '+'")
+                                 "vflip, rot90, rot180, rot270, hue, hue:<delta> or scale:<factor>, composed with '+'")
         out.append(TTATransform(str(name), tuple(ops)))
     if not out:
         raise ValueError("TEST.AUG.TRANSFORMS is empty: list at least one transform (e.g. 'identity')")
@@ -235,6 +257,14 @@ def tta_input(inp: dict[str, Any], t: TTATransform, extra_channels: Sequence[str
     out["image"] = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(image.dtype)
     out["height"], out["width"] = t.output_size(height, width)
     return out
+
+
+def scaled_size(size: tuple[int, int], t: TTATransform) -> tuple[int, int]:
+    """``size`` (``height, width``) times the copy's :attr:`TTATransform.scale`, rounded, at least 1 pixel."""
+    s = t.scale
+    if s == 1.0:
+        return int(size[0]), int(size[1])
+    return max(1, int(round(size[0] * s))), max(1, int(round(size[1] * s)))
 
 
 def rescale_input(inp: dict[str, Any], size: tuple[int, int], extra_channels: Sequence[str] = (),
