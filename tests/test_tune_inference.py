@@ -178,6 +178,47 @@ def test_maps_are_recomputed_when_the_grid_changes_more_than_post_processing(tmp
     assert not maps_reusable(classical, ["MODEL.CLASSICAL.THRESHOLD_SCALE", "MODEL.CLASSICAL.SMOOTHING"])  # the maps
 
 
+def test_copy_grid_of_an_rcnn_predicts_each_copy_once_with_the_same_numbers(tmp_path, monkeypatch):
+    # Mask R-CNN+ (random weights, every detection kept) with its test-time copies merged as nuclei: a grid over the
+    # copy sets and the vote predicts the union of the copies once per image, and scores every point as full
+    # inference does.
+    import nuclei_d2.inference.test_time as test_time
+    from nuclei_d2.engine.tune_inference import copies_reusable
+    from nuclei_d2.inference.test_time import build_test_time_wrapper
+
+    config = str(CONFIGS / "maskrcnn_plus-tiny.yaml")
+    weights = _random_checkpoint(config, tmp_path)
+    opts = ["MODEL.DEVICE", "cpu", "TEST.AUG.ENABLED", "True", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    grid = {"TEST.AUG.TRANSFORMS": ["['identity','hflip']", "['identity','hflip','scale:1.5']"],
+            "TEST.MERGE.MIN_VOTES": ["1", "2"]}
+    calls, original = [0], test_time.predict_crops
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(test_time, "predict_crops", counting)
+    runs = {}
+    for reuse in (True, False):
+        calls[0] = 0
+        rows = tune_inference(config, "nuclei_synth_test", grid, weights=weights, opts=opts, max_images=1,
+                              output_dir=str(tmp_path / f"grid{reuse}"), reuse_maps=reuse)
+        runs[reuse] = (calls[0], {tuple(r["opts"]): r for r in rows})
+    assert runs[True][0] == 3 and runs[False][0] == 2 + 2 + 3 + 3
+    reused, full = runs[True][1], runs[False][1]
+    assert reused.keys() == full.keys() and len(full) == 4
+    for point, row in full.items():
+        for k in ("AJI", "PQ", "Dice1", "F1", "n_images"):
+            assert reused[point][k] == pytest.approx(row[k], abs=1e-9), (point, k)
+    assert len({round(r["F1"], 6) for r in full.values()}) > 1  # the settings do change the result
+
+    cfg = setup_cfg(config, [*opts], eval_only=True)
+    wrapper = build_test_time_wrapper(cfg, NucleiTrainer.build_model(cfg))
+    assert copies_reusable(wrapper, ["TEST.AUG.TRANSFORMS", "TEST.MERGE.MIN_VOTES", "TEST.NUCLEI_EVAL.IOU_THRESHOLD"])
+    assert not copies_reusable(wrapper, ["TEST.AUG.TRANSFORMS", "MODEL.ROI_HEADS.SCORE_THRESH_TEST"])  # the copies
+    assert not copies_reusable(NucleiTrainer.build_model(cfg), ["TEST.MERGE.MIN_VOTES"])  # no wrapper
+
+
 def test_classical_grid_computes_the_haematoxylin_once_with_the_same_numbers(tmp_path, monkeypatch):
     """The classical floor's maps (its colour deconvolution) are made once per image for a grid over its
     post-processing keys, and every row is the same as with full inference at every point."""

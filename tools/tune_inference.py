@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="AJI", help="per-image mean to maximise (AJI, PQ, Dice1, F1; default AJI)")
     p.add_argument("--max-images", type=int, default=0, help="tune on the first N images only (0 = all)")
     p.add_argument("--no-reuse-maps", dest="reuse_maps", action="store_false",
-                   help="full inference at every grid point, even when only a dense model's post-processing changes")
+                   help="full inference at every grid point, even when only a dense model's post-processing or the "
+                        "merging of test-time copies changes")
     p.add_argument("--output", default="", help="tuned config to write (default OUTPUT_DIR/tune_inference/tuned.yaml)")
     p.add_argument("--top", type=int, default=0, help="rows of the result table to print (0 = all)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="further config overrides KEY VALUE ...")

@@ -26,6 +26,10 @@ are merged by averaging maps, the maps are computed once per image and kept in m
 12 MB for three maps of a 1000x1000 tile, 8 MB for the classical floor's two haematoxylin maps), and only the
 post-processing runs per point: a 16-tile, 8-copy TTA grid of the NB U-Net costs one TTA pass, not one per point. Such
 a model splits its inference in two: ``output_probs(input)`` (the maps) and ``output_from_probs(maps, input)``.
+Likewise, when the model's test-time copies are merged as nuclei (an R-CNN's TTA) and the grid only changes which
+copies are made and how they are merged (``TEST.AUG.TRANSFORMS``, ``TEST.AUG.HUE_DELTA``, ``TEST.MERGE`` thresholds
+and votes), each copy of each image is predicted once for the whole grid (``TestTimeWrapper.copy_cache``; the nuclei
+are kept as crops, megabytes per image): a grid over copy sets costs the union of its copies, not their sum.
 The object-level Hausdorff distance (the slowest metric) is not computed unless ``--metric`` asks for it.
 """
 
@@ -152,6 +156,22 @@ def maps_reusable(model: nn.Module, keys: Sequence[str]) -> bool:
     return all(k in allowed or k.startswith(EVALUATOR_PREFIXES) for k in keys)
 
 
+#: Keys that only choose a test-time wrapper's copies (each copy is predicted the same whatever the others are) or
+#: how it merges their nuclei.
+COPY_KEYS = ("TEST.AUG.TRANSFORMS", "TEST.AUG.HUE_DELTA", "TEST.MERGE.IOU_THRESHOLD", "TEST.MERGE.MIN_VOTES",
+             "TEST.MERGE.MASK_THRESHOLD")
+
+
+def copies_reusable(model: nn.Module, keys: Sequence[str]) -> bool:
+    """Whether ``model`` is a test-time wrapper merging nuclei and every grid key only changes its copies or their
+    merge (or the evaluator), so each copy's prediction can be shared between grid points."""
+    from ..inference.test_time import TestTimeWrapper
+
+    if not isinstance(model, TestTimeWrapper) or model.merge_mode != "instances":
+        return False
+    return all(k in COPY_KEYS or k.startswith(EVALUATOR_PREFIXES) for k in keys)
+
+
 def _evaluate(cfg: Any, model: nn.Module) -> dict[str, Any]:
     """:meth:`NucleiTrainer.test` on the first test dataset for a model already wrapped for test time (or inside a
     :class:`CachedMaps`), so the wrapper is built once per point."""
@@ -212,6 +232,7 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
         base_opts += ["MODEL.WEIGHTS", weights]
     rows = []
     cache: dict[str, torch.Tensor] = {}
+    copy_cache: dict[tuple, Any] = {}
     for i, values in enumerate(points):
         point_opts = [x for kv in zip(keys, values, strict=True) for x in kv]
         cfg = setup_cfg(config_file, [*base_opts, *point_opts], eval_only=True, freeze=False)
@@ -227,6 +248,12 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
             nuclei = _evaluate(cfg, cached)["nuclei"]
             logger.info("grid point %d: maps of %d image(s) computed, %d reused", i + 1, cached.computed,
                         len(cache) - cached.computed)
+        elif reuse_maps and len(points) > 1 and copies_reusable(wrapped, keys):
+            before = len(copy_cache)
+            wrapped.copy_cache = copy_cache
+            nuclei = _evaluate(cfg, wrapped)["nuclei"]
+            logger.info("grid point %d: %d test-time copies predicted, the others reused", i + 1,
+                        len(copy_cache) - before)
         else:
             nuclei = _evaluate(cfg, wrapped)["nuclei"]
         if metric not in nuclei:

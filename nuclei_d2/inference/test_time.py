@@ -231,12 +231,23 @@ class TestTimeWrapper(nn.Module):
         copy = rescale_input(copy, size, self.extra_channels, self.input_format)
         return select_channels(copy, self.members[index].channels)
 
+    #: Optional store of member predictions shared by several wrappers of the same models, so a copy is predicted
+    #: once (tools/tune_inference.py, when its grid only changes which copies are made and how they are merged):
+    #: ``(member index, copy operations, soft masks, image) -> CropMasks``.
+    copy_cache: dict[tuple, CropMasks] | None = None
+
     def member_copy(self, index: int, t: TTATransform, inp: dict[str, Any]) -> CropMasks:
         """Member ``index``'s nuclei on the copy ``t`` of ``inp``, in the original frame."""
+        key = (index, t.ops, self.soft_masks, str(inp.get("file_name", inp.get("image_id"))))
+        if self.copy_cache is not None and key in self.copy_cache:
+            return self.copy_cache[key]
         height, width = self._output_size(inp)
         copy = tta_input(inp, t, self.extra_channels, self.input_format)
         pred = predict_crops(self.models[index], self.member_input(index, copy, t), self.soft_masks)
-        return t.invert(pred, height, width)
+        pred = t.invert(pred, height, width)
+        if self.copy_cache is not None:
+            self.copy_cache[key] = pred
+        return pred
 
     def member_predictions(self, inp: dict[str, Any]) -> list[CropMasks]:
         """Every model's prediction of every transformed copy of ``inp``, in the original frame."""
