@@ -67,7 +67,7 @@ class TTATransform:
     @property
     def scale(self) -> float:
         """The product of the copy's ``scale:<factor>`` operations (1.0 without)."""
-        return float(np.prod([v for op, v in self.ops if op == "scale"])) if self.ops else 1.0
+        return float(math.prod(v for op, v in self.ops if op == "scale"))
 
     @property
     def is_photometric(self) -> bool:
