@@ -129,6 +129,23 @@ def _count_dense_passes(monkeypatch) -> list[int]:
     return calls
 
 
+def _grid_both_ways(config, grid, opts, tmp_path, calls, max_images, weights=""):
+    """``tune_inference`` with and without reuse: ``{reuse: (passes counted in calls[0], {opts: row})}``, after
+    checking that both score every point the same."""
+    runs = {}
+    for reuse in (True, False):
+        calls[0] = 0
+        rows = tune_inference(config, "nuclei_synth_test", grid, weights=weights, opts=opts, max_images=max_images,
+                              output_dir=str(tmp_path / f"grid{reuse}"), reuse_maps=reuse)
+        runs[reuse] = (calls[0], {tuple(r["opts"]): r for r in rows})
+    reused, full = runs[True][1], runs[False][1]
+    assert reused.keys() == full.keys()
+    for point, row in full.items():
+        for k in ("AJI", "PQ", "Dice1", "F1", "n_images"):
+            assert reused[point][k] == pytest.approx(row[k], abs=1e-9), (point, k)
+    return runs
+
+
 @pytest.mark.parametrize("tta", [False, True], ids=["bare", "tta-probs"])
 def test_post_processing_grid_computes_the_maps_once_with_the_same_numbers(tmp_path, monkeypatch, tta):
     config = str(CONFIGS / "nb_unet-tiny.yaml")
@@ -140,18 +157,10 @@ def test_post_processing_grid_computes_the_maps_once_with_the_same_numbers(tmp_p
         copies = 2
     grid = {"MODEL.NB.THRESHOLD": ["0.3", "0.34", "0.36"], "MODEL.NB.MIN_SIZE": ["0", "30"]}
     calls = _count_dense_passes(monkeypatch)
-    runs = {}
-    for reuse in (True, False):
-        calls[0] = 0
-        rows = tune_inference(config, "nuclei_synth_test", grid, weights=weights, opts=opts, max_images=2,
-                              output_dir=str(tmp_path / f"grid{reuse}"), reuse_maps=reuse)
-        runs[reuse] = (calls[0], {tuple(r["opts"]): r for r in rows})
+    runs = _grid_both_ways(config, grid, opts, tmp_path, calls, 2, weights)
     assert runs[True][0] == 2 * copies and runs[False][0] == 6 * 2 * copies
-    reused, full = runs[True][1], runs[False][1]
-    assert reused.keys() == full.keys() and len(full) == 6
-    for point, row in full.items():
-        for k in ("AJI", "PQ", "Dice1", "F1", "n_images"):
-            assert reused[point][k] == pytest.approx(row[k], abs=1e-9), (point, k)
+    full = runs[False][1]
+    assert len(full) == 6
     assert len({round(r["AJI"], 6) for r in full.values()}) > 1  # the settings do change the result
 
 
@@ -198,18 +207,10 @@ def test_copy_grid_of_an_rcnn_predicts_each_copy_once_with_the_same_numbers(tmp_
         return original(*args, **kwargs)
 
     monkeypatch.setattr(test_time, "predict_crops", counting)
-    runs = {}
-    for reuse in (True, False):
-        calls[0] = 0
-        rows = tune_inference(config, "nuclei_synth_test", grid, weights=weights, opts=opts, max_images=1,
-                              output_dir=str(tmp_path / f"grid{reuse}"), reuse_maps=reuse)
-        runs[reuse] = (calls[0], {tuple(r["opts"]): r for r in rows})
+    runs = _grid_both_ways(config, grid, opts, tmp_path, calls, 1, weights)
     assert runs[True][0] == 3 and runs[False][0] == 2 + 2 + 3 + 3
-    reused, full = runs[True][1], runs[False][1]
-    assert reused.keys() == full.keys() and len(full) == 4
-    for point, row in full.items():
-        for k in ("AJI", "PQ", "Dice1", "F1", "n_images"):
-            assert reused[point][k] == pytest.approx(row[k], abs=1e-9), (point, k)
+    full = runs[False][1]
+    assert len(full) == 4
     assert len({round(r["F1"], 6) for r in full.values()}) > 1  # the settings do change the result
 
     cfg = setup_cfg(config, [*opts], eval_only=True)
