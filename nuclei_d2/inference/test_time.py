@@ -238,16 +238,18 @@ class TestTimeWrapper(nn.Module):
 
     def member_copy(self, index: int, t: TTATransform, inp: dict[str, Any]) -> CropMasks:
         """Member ``index``'s nuclei on the copy ``t`` of ``inp``, in the original frame."""
+        if self.copy_cache is None:
+            return self._predict_copy(index, t, inp)
         key = (index, t.ops, self.soft_masks, str(inp.get("file_name", inp.get("image_id"))))
-        if self.copy_cache is not None and key in self.copy_cache:
-            return self.copy_cache[key]
+        if key not in self.copy_cache:
+            self.copy_cache[key] = self._predict_copy(index, t, inp)
+        return self.copy_cache[key]
+
+    def _predict_copy(self, index: int, t: TTATransform, inp: dict[str, Any]) -> CropMasks:
         height, width = self._output_size(inp)
         copy = tta_input(inp, t, self.extra_channels, self.input_format)
         pred = predict_crops(self.models[index], self.member_input(index, copy, t), self.soft_masks)
-        pred = t.invert(pred, height, width)
-        if self.copy_cache is not None:
-            self.copy_cache[key] = pred
-        return pred
+        return t.invert(pred, height, width)
 
     def member_predictions(self, inp: dict[str, Any]) -> list[CropMasks]:
         """Every model's prediction of every transformed copy of ``inp``, in the original frame."""
