@@ -55,7 +55,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nuclei_d2.inference.prediction_cache import PredictionCache
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
@@ -222,73 +225,33 @@ def input_view(cfg: Any) -> str:
     return node.dump()
 
 
-def _image_key(inp: dict[str, Any]) -> str:
-    return str(inp.get("file_name") or inp.get("image_id"))
-
-
-def _transform_key(t: Any) -> tuple:
-    return (t.name, tuple(t.ops))
-
-
-class PredictionCache:
-    """Member predictions by key, with the seconds each took to compute."""
-
-    def __init__(self) -> None:
-        self.entries: dict[tuple, tuple[Any, float]] = {}
-        self.computed = 0
-        self.reused = 0
-
-    def get(self, key: tuple, compute: Callable[[], Any]) -> tuple[Any, float, bool]:
-        """(value, seconds it took, computed now)."""
-        hit = self.entries.get(key)
-        if hit is not None:
-            self.reused += 1
-            return hit[0], hit[1], False
-        t0 = time.perf_counter()
-        value = compute()
-        seconds = time.perf_counter() - t0
-        self.entries[key] = (value, seconds)
-        self.computed += 1
-        return value, seconds, True
-
-    def put(self, key: tuple, value: Any, seconds: float) -> None:
-        if key not in self.entries:
-            self.entries[key] = (value, seconds)
-            self.computed += 1
-
-
 def cached_wrapper_class():
     """:class:`CachedWrapper` (defined on first use: it subclasses a torch module)."""
     from nuclei_d2.inference.test_time import TestTimeWrapper
 
     class CachedWrapper(TestTimeWrapper):
-        """A :class:`TestTimeWrapper` whose member predictions (:meth:`member_copy`, :meth:`member_probs_sum`) come
-        from a :class:`PredictionCache` shared by every row; the merge and post-processing are the wrapper's own."""
+        """A :class:`TestTimeWrapper` whose member predictions come from a :class:`PredictionCache` shared by every
+        row, keyed by member name and input view (rows hold different member lists); the merge and
+        post-processing are the wrapper's own. It adds up the seconds of the predictions each image used."""
 
         __test__ = False
 
         def __init__(self, members: Sequence[Any], transforms: Sequence[Any], *, cache: PredictionCache,
                      names: Sequence[str], view: str, **kwargs: Any):
             super().__init__(members, transforms, **kwargs)
-            self.cache, self.names, self.view = cache, list(names), view
+            self.prediction_cache, self.names, self.view = cache, list(names), view
             self.spent = 0.0  # seconds of the member predictions used for the current image (computed now or before)
             self.fresh = 0.0  # of which computed in this call
 
-        def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
-            value, seconds, fresh = self.cache.get(key, compute)
+        def member_id(self, index: int) -> tuple[str, str]:
+            return self.names[index], self.view
+
+        def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+            value, seconds, fresh = self.prediction_cache.get(key, compute)
             self.spent += seconds
             if fresh:
                 self.fresh += seconds
             return value
-
-        def member_copy(self, index: int, t: Any, inp: dict[str, Any]) -> Any:
-            key = ("copy", self.names[index], self.view, _transform_key(t), self.soft_masks, _image_key(inp))
-            return self._cached(key, lambda: TestTimeWrapper.member_copy(self, index, t, inp))
-
-        def member_probs_sum(self, index: int, inp: dict[str, Any]) -> Any:
-            key = ("sum", self.names[index], self.view, tuple(_transform_key(t) for t in self.transforms),
-                   _image_key(inp))
-            return self._cached(key, lambda: TestTimeWrapper.member_probs_sum(self, index, inp))
 
         def predict(self, inp: dict[str, Any]) -> tuple[dict[str, Any], float]:
             """(output, inference seconds: the member predictions it used plus its own merge)."""
@@ -426,6 +389,9 @@ def alone_row(member: Member, cache: PredictionCache) -> Row:
         return Row(member.name, [member.name], "member", cfg, w.predict, "-", 1, ["identity"])
     if _is_plain_nuclei_rcnn(model):
         t_id = identity[0]
+        # its soft masks go under the key they have in the rows that merge them
+        key_of = wrapper_cls([EnsembleMember(model, None, member.name)], identity, merge="instances", cache=cache,
+                             names=[member.name], view=member.view, soft_masks=True)
 
         @torch.no_grad()
         def predict(inp: dict[str, Any]) -> tuple[dict[str, Any], float]:
@@ -440,8 +406,7 @@ def alone_row(member: Member, cache: PredictionCache) -> Row:
             h, w = inp["image"].shape[-2:]
             height, width = int(inp.get("height", h)), int(inp.get("width", w))
             soft = t_id.invert(rcnn_soft_crops(raw, height, width), height, width)
-            cache.put(("copy", member.name, member.view, _transform_key(t_id), True, _image_key(inp)), soft,
-                      t_raw + time.perf_counter() - t1)
+            cache.put(key_of.prediction_key("copy", 0, identity, inp), soft, t_raw + time.perf_counter() - t1)
             return out, seconds
 
         return Row(member.name, [member.name], "member", cfg, predict, "-", 1, ["identity"])
@@ -654,6 +619,8 @@ def run(args: argparse.Namespace, specs: list[tuple[str, str, str]], ensembles: 
             raise ValueError(f"--dataset {args.dataset}: no images")
         for name, minutes in args.train_minutes.items():  # given on the command line: all stages
             members[name].train_minutes = minutes
+        from nuclei_d2.inference.prediction_cache import PredictionCache
+
         cache = PredictionCache()
         rows = [alone_row(m, cache) for m in members.values()]
         votes = args.min_votes or [None]

@@ -301,6 +301,49 @@ def test_wrapper_ensemble_of_models_votes():
     assert len(wrapper([inp])[0]["instances"]) == 2
 
 
+
+def test_wrappers_sharing_a_prediction_cache_predict_each_copy_once():
+    # Two wrappers of the same model with overlapping copy sets and different votes (a tune_inference grid): with one
+    # cache the second predicts only its new copy, and both give what they give without the cache.
+    from nuclei_d2.inference.prediction_cache import PredictionCache
+
+    image, _ = asymmetric_image()
+    inp = {"image": image, "height": 40, "width": 64, "file_name": "a.png"}
+    model = ThresholdModel(ghost=True)
+    first = parse_tta_transforms(["identity", "hflip", "vflip", "rot90"])
+    second = parse_tta_transforms(["identity", "hflip", "vflip", "rot90", "rot180"])
+    plain = [TestTimeWrapper([ThresholdModel(ghost=True)], ts, min_votes=v).eval()([inp])[0]["instances"]
+             for ts, v in ((first, 2), (second, 3))]
+    cache = PredictionCache()
+    outs = []
+    for ts, v in ((first, 2), (second, 3)):
+        wrapper = TestTimeWrapper([model], ts, min_votes=v).eval()
+        wrapper.prediction_cache = cache
+        first_soft = wrapper.soft_masks
+        outs.append(wrapper([inp])[0]["instances"])
+    assert model.calls == 5 and (cache.computed, cache.reused) == (5, 4)
+    for out, want in zip(outs, plain):
+        assert out.scores.tolist() == pytest.approx(want.scores.tolist())
+        assert torch.equal(out.pred_masks, want.pred_masks)
+    # another image, or soft instead of hard masks, is another entry
+    wrapper = TestTimeWrapper([model], first[:1], min_votes=1, soft_masks=not first_soft).eval()
+    wrapper.prediction_cache = cache
+    wrapper([dict(inp, file_name="b.png")])
+    wrapper([inp])
+    assert model.calls == 7 and len(cache) == 7
+
+    # a dense member's map sum over the copies: computed once for two wrappers merging it alike
+    dense = RampSegmentor().eval()
+    copies = parse_tta_transforms(["identity", "hflip"])
+    maps = []
+    for _ in range(2):
+        wrapper = TestTimeWrapper([dense], copies).eval()
+        wrapper.prediction_cache = cache
+        maps.append(wrapper([inp])[0]["probs"])
+    assert len(dense.seen) == 2 and torch.equal(maps[0], maps[1])
+    alone = TestTimeWrapper([RampSegmentor()], copies).eval()([inp])[0]["probs"]
+    torch.testing.assert_close(maps[0], alone)
+
 # ---- dense models: probability maps averaged before post-processing -------------------------------------------------
 
 

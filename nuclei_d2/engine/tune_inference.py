@@ -28,8 +28,8 @@ post-processing runs per point: a 16-tile, 8-copy TTA grid of the NB U-Net costs
 a model splits its inference in two: ``output_probs(input)`` (the maps) and ``output_from_probs(maps, input)``.
 Likewise, when the model's test-time copies are merged as nuclei (an R-CNN's TTA) and the grid only changes which
 copies are made and how they are merged (``TEST.AUG.TRANSFORMS``, ``TEST.AUG.HUE_DELTA``, ``TEST.MERGE`` thresholds
-and votes), each copy of each image is predicted once for the whole grid (``TestTimeWrapper.copy_cache``; the nuclei
-are kept as crops, megabytes per image): a grid over copy sets costs the union of its copies, not their sum.
+and votes), each copy of each image is predicted once for the whole grid (``TestTimeWrapper.prediction_cache``; the
+nuclei are kept as crops, megabytes per image): a grid over copy sets costs the union of its copies, not their sum.
 The object-level Hausdorff distance (the slowest metric) is not computed unless ``--metric`` asks for it.
 """
 
@@ -215,6 +215,7 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
     from detectron2.data import DatasetCatalog
 
     from ..checkpoint import NucleiCheckpointer
+    from ..inference.prediction_cache import PredictionCache
     from ..inference.test_time import build_test_time_wrapper
     from .defaults import check_datasets, setup_cfg
     from .trainer import NucleiTrainer
@@ -232,7 +233,7 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
         base_opts += ["MODEL.WEIGHTS", weights]
     rows = []
     cache: dict[str, torch.Tensor] = {}
-    copy_cache: dict[tuple, Any] = {}
+    copy_cache = PredictionCache()
     for i, values in enumerate(points):
         point_opts = [x for kv in zip(keys, values, strict=True) for x in kv]
         cfg = setup_cfg(config_file, [*base_opts, *point_opts], eval_only=True, freeze=False)
@@ -249,11 +250,11 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
             logger.info("grid point %d: maps of %d image(s) computed, %d reused", i + 1, cached.computed,
                         len(cache) - cached.computed)
         elif reuse_maps and len(points) > 1 and copies_reusable(wrapped, keys):
-            before = len(copy_cache)
-            wrapped.copy_cache = copy_cache
+            before = copy_cache.computed
+            wrapped.prediction_cache = copy_cache
             nuclei = _evaluate(cfg, wrapped)["nuclei"]
             logger.info("grid point %d: %d test-time copies predicted, the others reused", i + 1,
-                        len(copy_cache) - before)
+                        copy_cache.computed - before)
         else:
             nuclei = _evaluate(cfg, wrapped)["nuclei"]
         if metric not in nuclei:

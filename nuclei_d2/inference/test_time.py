@@ -25,7 +25,8 @@ first member's post-processing runs on the result.
 
 Each member's predictions are made by :meth:`TestTimeWrapper.member_copy` (nuclei of one copy) and
 :meth:`TestTimeWrapper.member_probs_sum` (a dense member's maps summed over the copies); the merges only combine them,
-so a caller that evaluates many ensembles of the same members (``benchmarks/ensemble.py``) can compute them once.
+so callers that evaluate many wrappers of the same members (``benchmarks/ensemble.py``, ``tools/tune_inference.py``)
+share them through one :class:`~nuclei_d2.inference.prediction_cache.PredictionCache` and compute each once.
 
 It works with any model returning ``Instances`` (nuclei-d2's ``pred_nuclei`` crops, or ``pred_masks``); its own
 output is :class:`~nuclei_d2.structures.NucleiInstances` (full-size ``pred_masks`` only when read). For R-CNN models
@@ -39,7 +40,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +51,7 @@ from ..layers.wrappers import unwrap_model
 from ..structures import CropMasks, nuclei_of
 from .ensemble import EnsembleMember, load_ensemble_members, select_channels
 from .merge import merge_instances
+from .prediction_cache import PredictionCache
 from .tta import TTATransform, parse_tta_transforms, rescale_input, scaled_size, tta_input
 
 __all__ = ["MERGE_MODES", "TestTimeWrapper", "build_test_time_wrapper", "dense_map_meanings", "dense_prob_names",
@@ -231,19 +233,33 @@ class TestTimeWrapper(nn.Module):
         copy = rescale_input(copy, size, self.extra_channels, self.input_format)
         return select_channels(copy, self.members[index].channels)
 
-    #: Optional store of member predictions shared by several wrappers of the same models, so a copy is predicted
-    #: once (tools/tune_inference.py, when its grid only changes which copies are made and how they are merged):
-    #: ``(member index, copy operations, soft masks, image) -> CropMasks``.
-    copy_cache: dict[tuple, CropMasks] | None = None
+    #: Optional store of member predictions shared by several wrappers of the same models, so each copy (and each
+    #: dense member's map sum) is predicted once: tools/tune_inference.py when its grid only changes which copies are
+    #: made and how they are merged, benchmarks/ensemble.py for its rows. Keys: :meth:`prediction_key`.
+    prediction_cache: PredictionCache | None = None
+
+    def member_id(self, index: int) -> Hashable:
+        """What identifies member ``index`` in :attr:`prediction_cache` keys: its index (a cache shared by wrappers
+        of different member lists needs a name instead)."""
+        return index
+
+    def prediction_key(self, kind: str, index: int, transforms: Sequence[TTATransform], inp: dict[str, Any]) -> tuple:
+        """The :attr:`prediction_cache` key of member ``index``'s prediction of ``inp``: ``kind`` "copy" (nuclei of
+        one copy: soft or hard masks differ) or "sum" (a dense member's maps summed over ``transforms``)."""
+        soft = (self.soft_masks,) if kind == "copy" else ()
+        return (kind, self.member_id(index), tuple(t.ops for t in transforms), *soft,
+                str(inp.get("file_name", inp.get("image_id"))))
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or its value from :attr:`prediction_cache` (set) under ``key``."""
+        assert self.prediction_cache is not None
+        return self.prediction_cache.get(key, compute)[0]
 
     def member_copy(self, index: int, t: TTATransform, inp: dict[str, Any]) -> CropMasks:
         """Member ``index``'s nuclei on the copy ``t`` of ``inp``, in the original frame."""
-        if self.copy_cache is None:
+        if self.prediction_cache is None:
             return self._predict_copy(index, t, inp)
-        key = (index, t.ops, self.soft_masks, str(inp.get("file_name", inp.get("image_id"))))
-        if key not in self.copy_cache:
-            self.copy_cache[key] = self._predict_copy(index, t, inp)
-        return self.copy_cache[key]
+        return self.cached(self.prediction_key("copy", index, (t,), inp), lambda: self._predict_copy(index, t, inp))
 
     def _predict_copy(self, index: int, t: TTATransform, inp: dict[str, Any]) -> CropMasks:
         height, width = self._output_size(inp)
@@ -267,9 +283,15 @@ class TestTimeWrapper(nn.Module):
             probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]
         return t.invert_map(probs, height, width, getattr(unwrap_model(self.models[index]), "vector_channels", ()))
 
-    @torch.no_grad()
     def member_probs_sum(self, index: int, inp: dict[str, Any]) -> torch.Tensor:
-        """Dense member ``index``'s probabilities summed over the copies of ``inp`` (a new tensor)."""
+        """Dense member ``index``'s probabilities summed over the copies of ``inp`` (callers must not change it: it
+        may be a :attr:`prediction_cache` entry)."""
+        if self.prediction_cache is None:
+            return self._probs_sum(index, inp)
+        return self.cached(self.prediction_key("sum", index, self.transforms, inp), lambda: self._probs_sum(index, inp))
+
+    @torch.no_grad()
+    def _probs_sum(self, index: int, inp: dict[str, Any]) -> torch.Tensor:
         total: torch.Tensor | None = None
         for t in self.transforms:
             probs = self.member_map(index, t, inp)
