@@ -316,7 +316,7 @@ def checkpoint_train_minutes(checkpoint: dict[str, Any]) -> float:
 
 
 def _is_plain_nuclei_rcnn(model: Any) -> bool:
-    """A NucleiRCNN whose inference is NucleiRCNN's (crop_postprocess of the raw outputs) and soft masks work."""
+    """A NucleiRCNN whose inference is NucleiRCNN's (postprocess_raw of the raw outputs) and soft masks work."""
     from detectron2.modeling import GeneralizedRCNN
 
     from nuclei_d2.inference.test_time import _supports_soft_masks
@@ -361,7 +361,6 @@ def alone_row(member: Member, cache: PredictionCache) -> Row:
     from nuclei_d2.inference.test_time import TestTimeWrapper, build_test_time_wrapper, rcnn_soft_crops
     from nuclei_d2.inference.tta import parse_tta_transforms
     from nuclei_d2.modeling.dense_base import DenseSegmentor
-    from nuclei_d2.modeling.rcnn import crop_postprocess
 
     wrapper_cls = cached_wrapper_class()
     model, cfg = member.model, member.cfg
@@ -398,9 +397,7 @@ def alone_row(member: Member, cache: PredictionCache) -> Row:
             t0 = time.perf_counter()
             raw = model.inference([inp], do_postprocess=False)[0]
             t_raw = time.perf_counter() - t0
-            out = {"instances": crop_postprocess(raw, inp.get("height", raw.image_size[0]),
-                                                 inp.get("width", raw.image_size[1]),
-                                                 min_visible=model.min_visible_fraction)}
+            out = {"instances": model.postprocess_raw(raw, inp)}
             seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
             h, w = inp["image"].shape[-2:]

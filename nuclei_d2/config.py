@@ -334,6 +334,9 @@ def _add_test_config(cfg: CN) -> None:
     # its own pixels is dropped from the output: mostly an R-CNN's second detection of a nucleus, a sliver beside the
     # first in the label map and a false nucleus for PQ / F1. 0 keeps every nucleus (Detectron2's behaviour).
     cfg.TEST.MIN_VISIBLE_FRACTION = 0.0
+    # An R-CNN's mask probabilities are binarised at this value where they are pasted into their boxes (Detectron2:
+    # 0.5). Merged test-time copies and ensembles average the soft masks first and use TEST.MERGE.MASK_THRESHOLD.
+    cfg.TEST.MASK_THRESHOLD = 0.5
 
 
 def _add_unet_config(cfg: CN) -> None:

@@ -209,3 +209,25 @@ def test_rcnn_models_read_min_visible_fraction_from_the_config():
     assert plus.min_visible_fraction == 0.25
     with pytest.raises(ValueError, match="TEST.MIN_VISIBLE_FRACTION must be in"):
         build_nuclei_model(tiny_cfg("maskrcnn_baseline-tiny.yaml", "TEST.MIN_VISIBLE_FRACTION", "1.5"))
+
+
+def test_rcnn_models_binarise_masks_at_the_configured_threshold():
+    # A ramp mask (probability rising left to right): the nucleus is the pixels at or above TEST.MASK_THRESHOLD, so
+    # a lower threshold gives a larger nucleus -- through the model's own post-processing, for both R-CNN classes.
+    from nuclei_d2.modeling import build_nuclei_model
+
+    r = _overlapping_raw_detections()[2:3]
+    r.pred_masks = torch.linspace(0, 1, 28).expand(1, 1, 28, 28).clone()
+    areas = {}
+    for cfg_name, t in (("maskrcnn_baseline-tiny.yaml", "0.3"), ("maskrcnn_baseline-tiny.yaml", "0.7"),
+                        ("maskrcnn_plus-tiny.yaml", "0.3")):
+        model = build_nuclei_model(tiny_cfg(cfg_name, "TEST.MASK_THRESHOLD", t))
+        assert model.mask_threshold == float(t)
+        (mask,) = model.postprocess_raw(r, {"height": 60, "width": 60}).pred_nuclei.masks
+        areas[cfg_name, t] = int(mask.sum())
+    assert areas["maskrcnn_baseline-tiny.yaml", "0.3"] == areas["maskrcnn_plus-tiny.yaml", "0.3"]
+    assert areas["maskrcnn_baseline-tiny.yaml", "0.7"] < 0.5 * 15 * 15 < areas["maskrcnn_baseline-tiny.yaml", "0.3"]
+    default = build_nuclei_model(tiny_cfg("maskrcnn_baseline-tiny.yaml"))
+    assert default.mask_threshold == 0.5  # Detectron2's
+    with pytest.raises(ValueError, match="TEST.MASK_THRESHOLD must be in"):
+        build_nuclei_model(tiny_cfg("maskrcnn_baseline-tiny.yaml", "TEST.MASK_THRESHOLD", "0"))

@@ -103,7 +103,7 @@ class MaskRCNNPlus(NucleiRCNN):
                 prediction (instead of the ground truth's map).
             allow_pickle: accept a ``.pkl`` distance-network checkpoint (unpickling can run code).
             kwargs: ``NucleiRCNN`` arguments (backbone, proposal_generator, roi_heads, pixel_mean, pixel_std,
-                input_format, vis_period, min_visible_fraction).
+                input_format, vis_period, min_visible_fraction, mask_threshold).
         """
         super().__init__(**kwargs)
         self.channel_names = tuple(channel_names)
@@ -180,6 +180,7 @@ class MaskRCNNPlus(NucleiRCNN):
             "train_on_predicted_distance": bool(mp.TRAIN_ON_PREDICTED_DISTANCE),
             "allow_pickle": bool(cfg.MODEL.CHECKPOINT.ALLOW_PICKLE),
             "min_visible_fraction": cfg.TEST.MIN_VISIBLE_FRACTION,
+            "mask_threshold": cfg.TEST.MASK_THRESHOLD,
         }
         if "distance" in names and mp.DISTANCE_SOURCE == "unet":
             spec = SubModel.from_config(cfg, DISTANCE_NET, "distance U-Net")

@@ -112,21 +112,27 @@ class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
     export_keys = ("MODEL.ROI_HEADS.SCORE_THRESH_TEST", "MODEL.ROI_HEADS.NMS_THRESH_TEST", "TEST.DETECTIONS_PER_IMAGE")
 
     @configurable
-    def __init__(self, *, min_visible_fraction: float = 0.0, **kwargs: Any):
+    def __init__(self, *, min_visible_fraction: float = 0.0, mask_threshold: float = 0.5, **kwargs: Any):
         """
         Args:
             min_visible_fraction: ``TEST.MIN_VISIBLE_FRACTION``, for :func:`crop_postprocess` (``min_visible``).
+            mask_threshold: ``TEST.MASK_THRESHOLD``, for :func:`crop_postprocess`: mask probabilities at or above it
+                are the nucleus.
             kwargs: ``GeneralizedRCNN`` arguments (backbone, proposal_generator, roi_heads, pixel_mean, ...).
         """
         super().__init__(**kwargs)
         if not 0.0 <= min_visible_fraction <= 1.0:
             raise ValueError(f"TEST.MIN_VISIBLE_FRACTION must be in [0, 1], got {min_visible_fraction}")
+        if not 0.0 < mask_threshold < 1.0:
+            raise ValueError(f"TEST.MASK_THRESHOLD must be in (0, 1), got {mask_threshold}")
         self.min_visible_fraction = float(min_visible_fraction)
+        self.mask_threshold = float(mask_threshold)
 
     @classmethod
     def from_config(cls, cfg: Any) -> dict[str, Any]:
         ret = super().from_config(cfg)
         ret["min_visible_fraction"] = cfg.TEST.MIN_VISIBLE_FRACTION
+        ret["mask_threshold"] = cfg.TEST.MASK_THRESHOLD
         return ret
 
     @property
@@ -166,7 +172,10 @@ class NucleiRCNN(ExportableNetworks, GeneralizedRCNN):
             results = [self.raw_instances(x, i) for i, x in enumerate(batched_inputs)]
         if not do_postprocess:
             return results
-        return [{"instances": crop_postprocess(r, inp.get("height", r.image_size[0]),
-                                               inp.get("width", r.image_size[1]),
-                                               min_visible=self.min_visible_fraction)}
-                for r, inp in zip(results, batched_inputs)]
+        return [{"instances": self.postprocess_raw(r, inp)} for r, inp in zip(results, batched_inputs)]
+
+    def postprocess_raw(self, raw: Instances, inp: dict[str, Any]) -> Instances:
+        """One raw output (``inference(..., do_postprocess=False)``) as this model returns it: :func:`crop_postprocess`
+        at the input's ``height x width`` with ``TEST.MASK_THRESHOLD`` and ``TEST.MIN_VISIBLE_FRACTION``."""
+        return crop_postprocess(raw, inp.get("height", raw.image_size[0]), inp.get("width", raw.image_size[1]),
+                                mask_threshold=self.mask_threshold, min_visible=self.min_visible_fraction)
