@@ -7,7 +7,7 @@ import torch
 from conftest import CONFIGS, load_tool
 
 from nuclei_d2.engine import NucleiTrainer, setup_cfg
-from nuclei_d2.engine.tune_inference import parse_grid, tune_inference, write_tuned_config
+from nuclei_d2.engine.tune_inference import parse_grid, tune_inference, tuned_opts, write_tuned_config
 
 main = load_tool("tune_inference").main
 
@@ -69,11 +69,19 @@ def test_tool_prints_the_table_writes_the_config_and_refuses_bad_input(tmp_path,
     out = tmp_path / "tuned.yaml"
     rc = main(["--config-file", CLASSICAL, "--dataset", "nuclei_synth_test", "--max-images", "1", "--grid",
                "MODEL.CLASSICAL.THRESHOLD_SCALE=0.8,1.2", "--output", str(out), "MODEL.DEVICE", "cpu",
+               "MODEL.CLASSICAL.MIN_SIZE", "7",
                "OUTPUT_DIR", str(tmp_path / "runs")])  # the grid's metrics: not into the clone's output/
     assert rc == 0
     printed = capsys.readouterr().out
     assert "2 settings on 1 image of nuclei_synth_test" in printed and str(out) in printed
     assert "THRESHOLD_SCALE" in out.read_text() and "_BASE_" in out.read_text()
+    # the user's overrides are part of what was tuned (a tuned TTA set needs TEST.AUG.ENABLED), where it ran is not
+    tuned = setup_cfg(str(out), [], eval_only=True)
+    assert tuned.MODEL.CLASSICAL.MIN_SIZE == 7 and "runs" not in tuned.OUTPUT_DIR
+    assert tuned.MODEL.CLASSICAL.THRESHOLD_SCALE in (0.8, 1.2)
+    assert tuned_opts(["TEST.AUG.ENABLED", "True", "OUTPUT_DIR", "x", "TEST.MERGE.MIN_VOTES", "2"], "w.pth",
+                      ["TEST.MERGE.MIN_VOTES", "3"]) == ["TEST.AUG.ENABLED", "True", "TEST.MERGE.MIN_VOTES", "2",
+                                                         "MODEL.WEIGHTS", "w.pth", "TEST.MERGE.MIN_VOTES", "3"]
 
     assert main(["--config-file", CLASSICAL, "--dataset", "nuclei_synth_test", "--grid", "MODEL.NO_SUCH=1"]) == 2
     assert "NO_SUCH" in capsys.readouterr().err

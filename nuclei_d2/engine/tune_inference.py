@@ -267,6 +267,19 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
     return rows
 
 
+#: Overrides that say where a tuning run writes, not how the model predicts: left out of the tuned config.
+RUN_ONLY_KEYS = ("OUTPUT_DIR",)
+
+
+def tuned_opts(opts: Sequence[str], weights: str, best: Sequence[str]) -> list[str]:
+    """The overrides of the tuned config: the user's own (e.g. ``TEST.AUG.ENABLED True``, without which a tuned copy
+    set would not be used), the weights tuned with, then the best grid point's (which win over the user's)."""
+    pairs = [(k, v) for k, v in zip(opts[::2], opts[1::2], strict=True) if k not in RUN_ONLY_KEYS]
+    if weights:
+        pairs.append(("MODEL.WEIGHTS", weights))
+    return [x for kv in pairs for x in kv] + list(best)
+
+
 def run(args: argparse.Namespace) -> int:
     """``tools/tune_inference.py``, after parsing (its parser lives in the tool, so --help needs no torch): tune,
     print the table, write the tuned config. Returns the exit status (2 for bad input, one line on stderr)."""
@@ -298,6 +311,6 @@ def run(args: argparse.Namespace) -> int:
     out = args.output or os.path.join(cfg.OUTPUT_DIR, "tune_inference", "tuned.yaml")
     comment = (f"Tuned by tools/tune_inference.py on {args.dataset} ({images}), weights "
                f"{args.weights or cfg.MODEL.WEIGHTS or '(none)'}: mean {args.metric} {rows[0][args.metric]:.4f}")
-    path = write_override_config(out, args.config_file, rows[0]["opts"], comment)
+    path = write_override_config(out, args.config_file, tuned_opts(args.opts, args.weights, rows[0]["opts"]), comment)
     print(f"\nbest: {' '.join(rows[0]['opts'])}\nwrote {path}")
     return 0
