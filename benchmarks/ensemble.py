@@ -57,11 +57,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from nuclei_d2.inference.prediction_cache import PredictionCache
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this clone's nuclei_d2, whatever the venv has installed
+
+if TYPE_CHECKING:
+    from nuclei_d2.inference.prediction_cache import PredictionCache
 
 #: TEST.MERGE.MODE values (nuclei_d2.inference.test_time.MERGE_MODES; listed here so --help needs no torch).
 MERGE_CHOICES = ("auto", "probs", "shared", "instances")
