@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inference.prediction_cache import PredictionCache
 from .defaults import write_override_config
 
 __all__ = ["parse_grid", "run", "tune_inference", "write_tuned_config"]
@@ -125,9 +126,9 @@ class CachedMaps(nn.Module):
     """A model whose maps (``output_probs``: a dense model's probabilities, a test-time wrapper's averaged ones, the
     classical floor's haematoxylin) are computed once per image and reused: each call post-processes the cached maps
     with ``model``'s own settings (``output_from_probs``). ``cache`` (file name -> ``K x H x W`` maps) is shared
-    between the grid points; ``computed`` counts the images whose maps were made."""
+    between the grid points; ``computed`` counts the images whose maps this instance made."""
 
-    def __init__(self, model: nn.Module, cache: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, cache: PredictionCache):
         super().__init__()
         self.model, self.cache, self.computed = model, cache, 0
 
@@ -136,10 +137,9 @@ class CachedMaps(nn.Module):
         outs = []
         for inp in batched_inputs:
             key = str(inp.get("file_name", inp.get("image_id")))
-            if key not in self.cache:
-                self.cache[key] = self.model.output_probs(inp)
-                self.computed += 1
-            outs.append(self.model.output_from_probs(self.cache[key], inp))
+            probs, _, fresh = self.cache.get(key, lambda inp=inp: self.model.output_probs(inp))
+            self.computed += int(fresh)
+            outs.append(self.model.output_from_probs(probs, inp))
         return outs
 
 
@@ -215,7 +215,6 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
     from detectron2.data import DatasetCatalog
 
     from ..checkpoint import NucleiCheckpointer
-    from ..inference.prediction_cache import PredictionCache
     from ..inference.test_time import build_test_time_wrapper
     from .defaults import check_datasets, setup_cfg
     from .trainer import NucleiTrainer
@@ -232,8 +231,7 @@ def tune_inference(config_file: str, dataset: str, grid: dict[str, Sequence[str]
     if weights:
         base_opts += ["MODEL.WEIGHTS", weights]
     rows = []
-    cache: dict[str, torch.Tensor] = {}
-    copy_cache = PredictionCache()
+    cache, copy_cache = PredictionCache(), PredictionCache()  # maps by image; test-time copies
     for i, values in enumerate(points):
         point_opts = [x for kv in zip(keys, values, strict=True) for x in kv]
         cfg = setup_cfg(config_file, [*base_opts, *point_opts], eval_only=True, freeze=False)
