@@ -8,6 +8,7 @@ inside yacs, fvcore or the data loader, often minutes into a run. :func:`setup_c
 from __future__ import annotations
 
 import difflib
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -271,14 +272,22 @@ def leave_process_group() -> None:
 
     Ranks other than the main one finish evaluation first (only the main one computes and writes the metrics); one
     that exited while the others still held the gloo group open sometimes aborted them ("terminate called without an
-    active exception"), failing a run that had done its work. A no-op with one process.
+    active exception"), failing a run that had done its work. ``destroy_process_group`` alone is not enough:
+    Detectron2's ``comm`` keeps its own references to the groups (the local group, the cached global gloo group), so
+    gloo's threads outlived it and were torn down with the interpreter, where they could still abort (about one
+    two-process run in 40 under load). Dropping those references first joins the threads here. A no-op with one
+    process.
     """
     import torch.distributed as dist
     from detectron2.utils import comm
 
     if comm.get_world_size() > 1:
         comm.synchronize()
+        comm._LOCAL_PROCESS_GROUP = None
+        comm.create_local_process_group.cache_clear()
+        comm._get_global_gloo_group.cache_clear()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _check_crop_config(n) -> None:
