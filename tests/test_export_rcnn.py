@@ -44,10 +44,13 @@ def kumar_tile(shared_data) -> tuple[dict, np.ndarray]:
 
 
 def crop_input(cfg, tile: tuple[dict, np.ndarray], y0: int, x0: int, h: int, w: int) -> tuple[dict, np.ndarray]:
-    """The mapped input of a crop of the tile and the crop's ground-truth label map."""
+    """The mapped input of a crop of the tile and the crop's ground-truth label map. The crop is given in the tile's
+    pixels; a config that rescales at inference (``INPUT.NUCLEI.SCALE``) gets the same region of its larger input,
+    and its predictions come back at the crop's size (``height`` / ``width``), as on a whole tile."""
     d, gt = tile
     inp = NucleiDatasetMapper(cfg, is_train=False)(dict(d))
-    image = inp["image"][:, y0:y0 + h, x0:x0 + w].contiguous()
+    f = inp["image"].shape[-1] / gt.shape[1]
+    image = inp["image"][:, round(y0 * f):round((y0 + h) * f), round(x0 * f):round((x0 + w) * f)].contiguous()
     return {"image": image, "height": h, "width": w, "file_name": d["file_name"]}, gt[y0:y0 + h, x0:x0 + w]
 
 
