@@ -274,9 +274,8 @@ def leave_process_group() -> None:
     that exited while the others still held the gloo group open sometimes aborted them ("terminate called without an
     active exception"), failing a run that had done its work. ``destroy_process_group`` alone is not enough:
     Detectron2's ``comm`` keeps its own references to the groups (the local group, the cached global gloo group), so
-    gloo's threads outlived it and were torn down with the interpreter, where they could still abort (about one
-    two-process run in 40 under load). Dropping those references first joins the threads here. A no-op with one
-    process.
+    gloo's threads outlived it and were torn down with the interpreter, where they could still abort (rarely, more
+    often under load). Dropping those references first joins the threads here. A no-op with one process.
     """
     import torch.distributed as dist
     from detectron2.utils import comm
