@@ -163,14 +163,16 @@ def format_table(rows: Sequence[dict]) -> str:
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
-    """Atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    """The table as CSV, atomically (:func:`nuclei_d2.utils.io.atomic_write`)."""
+    from nuclei_d2.utils.io import atomic_write
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS)
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
