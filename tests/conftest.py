@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import getpass
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -66,15 +67,22 @@ def tiny_cfg(config: str = "maskrcnn_baseline-tiny.yaml", *opts: str):
     return setup_cfg(str(CONFIGS / config), ["MODEL.DEVICE", "cpu", *opts])
 
 
-def load_tool(name: str):
-    """Import ``tools/<name>.py`` as a module (tools are scripts, not a package), to call its ``main(argv)``."""
+def load_script(path: str | Path):
+    """Import a script of this clone (``tools/*.py``, ``benchmarks/**.py``: scripts, not a package) as a module, to
+    call its functions and ``main(argv)``; ``path`` is relative to the repository."""
     import importlib.util
 
-    path = REPO / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"nuclei_d2_tool_{name}", path)
+    path = REPO / path
+    name = "nuclei_d2_script_" + re.sub(r"\W", "_", str(path.relative_to(REPO).with_suffix("")))
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` as a module (:func:`load_script`)."""
+    return load_script(f"tools/{name}.py")
 
 
 # ---- tests never write into the clone's output/ folder ---------------------------------------------------------------

@@ -4,7 +4,6 @@ cross-method map averaging of TEST.MERGE.MODE "shared" (nuclei_d2/inference/test
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, load_script, tiny_cfg
 from torch import nn
 
 from nuclei_d2.inference.test_time import TestTimeWrapper
@@ -27,10 +26,7 @@ METRICS = ("AJI", "PQ", "Dice1", "F1")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("nuclei_d2_bench_ensemble", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/ensemble.py")
 
 
 def make_run(root: Path, name: str, config: str, *opts: str, seed: int = 0) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONFIGS, REPO, load_tool
+from conftest import CONFIGS, REPO, load_script, load_tool
 
 from nuclei_d2 import model_zoo
 from nuclei_d2.engine.zoo_entry import add_ensemble_entry, dataset_records, half_state, pack_model_entry, score_records
@@ -367,11 +367,8 @@ def test_shipped_entry_scores_as_its_card_on_kumar_tiles(name, shared_data, monk
 def test_ensemble_benchmark_takes_zoo_members(use_zoo, tiny_run, tmp_path, capsys):
     """``benchmarks/ensemble.py --member NAME=zoo:ENTRY``: the entry scores as the run it was packed from."""
     import csv
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("nuclei_d2_bench_ensemble_zoo", REPO / "benchmarks" / "ensemble.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("benchmarks/ensemble.py")
     assert bench.parse_member("z=zoo:nb-tiny") == ("z", "zoo:nb-tiny", str(use_zoo / "weights" / "nb-tiny.pth"))
     assert bench.main(["--member", "z=zoo:nb-tiny", "--member", f"run={tiny_run}", "--dataset", "nuclei_synth_test",
                        "--ensembles", "z+run", "--output-dir", str(tmp_path / "bench")]) == 0

@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import load_script, tiny_cfg
 
 from nuclei_d2.structures import CropMasks
 
-BENCH = REPO / "benchmarks" / "overlap_rules.py"
 SYNTH = ("DATASETS.SYNTHETIC.IMAGE_SIZE", "128", "DATASETS.SYNTHETIC.NUM_TEST", "2")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("nuclei_d2_bench_overlap_rules", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/overlap_rules.py")
 
 
 def two_touching() -> CropMasks:
@@ -86,7 +81,10 @@ def test_score_row_is_the_evaluators_numbers(run, tmp_path, capsys):
     assert "| probability x score" in printed
 
     cfg = setup_cfg(str(run / "config.yaml"), ["MODEL.WEIGHTS", str(run / "model_final.pth"), "OUTPUT_DIR",
-                                               str(tmp_path / "eval"), "TEST.NUCLEI_EVAL.HAUSDORFF", "False"],
+                                               str(tmp_path / "eval"), "TEST.NUCLEI_EVAL.HAUSDORFF", "False",
+                                               # no COCO AP: its evaluator would cache the dataset's COCO JSON in
+                                               # this test's folder for the rest of the session
+                                               "TEST.EVALUATORS", "('nuclei',)"],
                     eval_only=True)
     model = build_nuclei_model(cfg)
     NucleiCheckpointer.from_config(model, cfg).load(cfg.MODEL.WEIGHTS)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,17 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, load_script, tiny_cfg
 from PIL import Image
 
 PEERS = REPO / "benchmarks" / "peers"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"nuclei_d2_peers_{name}", PEERS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/peers/{name}.py")
 
 
 common = _load("_common")

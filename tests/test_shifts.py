@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import pickle
 
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, load_script
 from detectron2.config import get_cfg
 
 from nuclei_d2.config import add_nuclei_config
@@ -184,10 +183,7 @@ def test_shift_transform_pickles_and_leaves_labels(tile):
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("nuclei_d2_bench_robustness", REPO / "benchmarks" / "robustness.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/robustness.py")
 
 
 CLASSICAL = str(REPO / "configs" / "classical_watershed.yaml")

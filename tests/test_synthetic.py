@@ -57,3 +57,15 @@ def test_dataset_files_are_written_once_and_registered(tmp_path):
         assert MetadataCatalog.get("nuclei_synth_test").evaluator_type == "nuclei"
     finally:
         register_synthetic_datasets()
+
+
+def test_synthetic_root_follows_the_datasets_root(tmp_path, monkeypatch):
+    """The same root as the built-in datasets; an empty NUCLEI_D2_DATASETS means the default, not the working folder."""
+    from nuclei_d2.data.datasets.builtin import datasets_root
+    from nuclei_d2.data.synthetic import synthetic_root
+
+    monkeypatch.setenv("NUCLEI_D2_DATASETS", str(tmp_path))
+    assert synthetic_root() == tmp_path / "synthetic"
+    monkeypatch.setenv("NUCLEI_D2_DATASETS", "")
+    monkeypatch.chdir(tmp_path)
+    assert synthetic_root() == datasets_root() / "synthetic" == tmp_path / "datasets" / "synthetic"

@@ -143,8 +143,11 @@ class SyntheticSpec(dict):
 
 
 def synthetic_root() -> Path:
-    """``$NUCLEI_D2_DATASETS/synthetic`` (default ``./datasets/synthetic``)."""
-    return Path(os.environ.get("NUCLEI_D2_DATASETS", "datasets")).expanduser() / "synthetic"
+    """``synthetic`` under the datasets root (:func:`~nuclei_d2.data.datasets.builtin.datasets_root`:
+    ``$NUCLEI_D2_DATASETS``, default ``./datasets``)."""
+    from .datasets.builtin import datasets_root
+
+    return datasets_root() / "synthetic"
 
 
 def _generate(spec: SyntheticSpec) -> Path:
