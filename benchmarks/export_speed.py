@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-images", type=int, default=4, help="int8 rows: how many calibration images")
     p.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
     p.add_argument("--csv", default=None, help="also write the rows here")
-    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nuclei_d2_export_speed"))
+    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "nuclei_d2_export_speed"),
+                   help="the export folders are written here and kept for inspection (tens of MB: delete when done)")
     p.add_argument("opts", nargs="*", default=[], help="KEY VALUE overrides for every method")
     args = p.parse_args(argv)
     import torch
