@@ -144,10 +144,9 @@ def table_rows(records: dict[str, list[dict]]) -> list[dict]:
     for name, recs in records.items():
         row = {"row": name, **{k: float(np.mean([r[k] for r in recs])) for k in METRICS}}
         cmp = {c["metric"]: c for c in compare_predictions(base, recs, ("AJI", "PQ"))}
-        d = np.array([b["AJI"] - a["AJI"] for a, b in zip(base, recs)])
-        row.update(AJI_diff=float(d.mean()), AJI_diff_se=float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else
-                   float("nan"), images_better=f"{int((d > 0).sum())}/{len(d)}", p_AJI=cmp["AJI"]["p_value"],
-                   p_PQ=cmp["PQ"]["p_value"])
+        better = sum(b["AJI"] > a["AJI"] for a, b in zip(base, recs))
+        row.update(AJI_diff=cmp["AJI"]["mean_diff"], AJI_diff_se=cmp["AJI"]["se_diff"],
+                   images_better=f"{better}/{len(recs)}", p_AJI=cmp["AJI"]["p_value"], p_PQ=cmp["PQ"]["p_value"])
         rows.append(row)
     return rows
 
